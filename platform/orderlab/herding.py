@@ -1,0 +1,52 @@
+"""Herding measures of docs/orderings.md, "Measures".
+
+Source: Lu et al., GraB (NeurIPS 2022), Sec. 3 (herding bound); Cooper et al., CD-GraB
+(NeurIPS 2023), Sec. 3 (parallel herding bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _max_prefix_norm(steps: torch.Tensor, norm: float) -> float:
+    """Max over prefixes of ||sum of the first t rows|| for ``steps`` [T, d], accumulated in float64."""
+    prefix = torch.cumsum(steps.to(torch.float64), dim=0)
+    return float(torch.linalg.vector_norm(prefix, ord=norm, dim=1).max())
+
+
+def herding_bound(vectors: torch.Tensor, order: torch.Tensor | None = None, norm: float = math.inf) -> float:
+    """Herding bound max_k ||sum_{t<=k} (z_order[t] - z_mean)|| of a sequence.
+
+    Args:
+        vectors: [N, d] float tensor, z by index.
+        order: LongTensor [N], the visiting order (default: index order).
+        norm: vector norm, ``math.inf`` (the spec's measure) or 2.
+
+    Returns:
+        The bound as a Python float (computed in float64).
+    """
+    z = vectors if order is None else vectors[order]
+    return _max_prefix_norm(z - vectors.to(torch.float64).mean(dim=0), norm)
+
+
+def parallel_herding_bound(vectors: torch.Tensor, orders: torch.Tensor, norm: float = math.inf) -> float:
+    """Parallel herding bound of W orders: max_t ||sum_{s<=t} sum_w (z[w, orders[w, s]] - z_mean)||.
+
+    Args:
+        vectors: [W, n, d] float tensor, z[w, j] = vector of worker w's local unit j.
+        orders: LongTensor [W, n], orders[w, s] = the unit worker w visits at step s.
+        norm: vector norm, ``math.inf`` (the spec's measure) or 2.
+
+    Returns:
+        The bound as a Python float; z_mean is the mean over all W*n vectors (float64).
+    """
+    num_workers, shard_size, _ = vectors.shape
+    if orders.shape != (num_workers, shard_size):
+        raise ValueError(f"orders must have shape [{num_workers}, {shard_size}], got {tuple(orders.shape)}")
+    z = vectors.to(torch.float64)
+    visited = torch.gather(z, 1, orders.unsqueeze(-1).expand(-1, -1, z.shape[2]))  # [W, n, d]
+    per_step = visited.sum(dim=0) - num_workers * z.reshape(-1, z.shape[2]).mean(dim=0)  # [n, d]
+    return _max_prefix_norm(per_step, norm)
