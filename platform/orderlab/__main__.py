@@ -1,0 +1,5 @@
+import sys
+
+from orderlab.cli import main
+
+sys.exit(main())

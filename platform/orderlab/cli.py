@@ -1,0 +1,104 @@
+"""The ``orderlab`` command: run, sweep, results.
+
+Every error a user can cause is an ``OrderlabError``: printed as one message without a traceback,
+exit status 2. Usage errors (bad flags) also exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from orderlab.errors import OrderlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="orderlab: does a smarter example order (GraB, PairBalance, CD-GraB) beat random reshuffling?",
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML, e.g. configs/demo.yaml")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="dotted override KEY=VALUE (YAML value), repeatable")
+]
+AddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show Ray's and Tune's own output")]
+
+
+def _print_outcome(result) -> None:
+    from orderlab import results
+
+    print(f"\nsweep {result.name}: {result.num_trials} trials, {result.num_errors} errors; results in {result.storage}")
+    print(results.format_summary(result.summary))
+    print(f"\nquery: orderlab results {result.storage} --sql \"SELECT ordering, epoch, avg(train_loss) "
+          "FROM epochs JOIN trials USING (trial_id) GROUP BY ALL ORDER BY ALL\"")
+
+
+@app.command(epilog="Example: orderlab run configs/tiny.yaml --set ordering.name=cd-grab --set train.epochs=3")
+def run(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False) -> None:
+    """Run one trial of CONFIG (its sweep axes are ignored) and print its summary."""
+    from orderlab.sweep import run as run_one
+
+    _print_outcome(run_one(config, set_ or [], address=address, verbose=verbose))
+
+
+@app.command(epilog="Example: orderlab sweep configs/demo.yaml --set train.epochs=5 --set 'sweep.seed=[0,1,2]'")
+def sweep(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False) -> None:
+    """Run every trial of CONFIG's sweep axes on Ray; print one line per trial, then a table per ordering."""
+    from orderlab.sweep import sweep as run_sweep
+
+    result = run_sweep(config, set_ or [], address=address, verbose=verbose)
+    _print_outcome(result)
+    if result.num_errors:
+        raise typer.Exit(1)
+
+
+@app.command(
+    epilog='Example: orderlab results results/ --sql "SELECT ordering, max(epoch) FROM epochs JOIN trials USING (trial_id) GROUP BY ALL"'
+)
+def results(
+    root: Annotated[str, typer.Argument(help="results root (storage) of one or more sweeps")],
+    sweep: Annotated[str | None, typer.Option(help="only this sweep")] = None,
+    baseline: Annotated[str, typer.Option(help="ordering whose final train loss is the target")] = "rr",
+    sql: Annotated[str | None, typer.Option(help="run this SQL over the views `trials` and `epochs` instead")] = None,
+) -> None:
+    """Print the summary per ordering (final loss, epochs to the baseline's final loss), or run SQL."""
+    import duckdb
+
+    from orderlab import results as tables
+
+    if sql is not None:
+        try:
+            print(tables.connect(root).sql(sql).df().to_string(index=False))
+        except duckdb.Error as error:
+            raise OrderlabError(f"--sql failed: {error}") from error
+        return
+    print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except OrderlabError as error:
+        print(f"orderlab: error: {error}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""Typed experiment config: pydantic models, YAML loading, dotted overrides, sweep grids.
+
+A config is checked once, here, and every problem a user can cause comes back as one
+``OrderlabError`` with one line per problem (``{source}: {dotted.key}={value!r}: {reason}``)::
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=0.05", "sweep.seed=[0,1,2]"])
+    for trial_cfg in validate_grid(cfg):  # one ExperimentConfig per sweep point, all checked first
+        ...
+
+Registries are imported lazily (``known_task_names``, ``known_ordering_names``) so that importing
+this module pulls in neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from orderlab.errors import OrderlabError
+
+# Strict numbers: YAML `true` or "3" is a mistake, not an epoch count (ints still pass as floats).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Beta = Annotated[float, Strict(), Field(ge=0, lt=1)]
+Overrides = Mapping[str, Any] | Sequence[str]
+
+_MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+#: dict-valued fields whose sub-keys are free: sweep axes (dotted names) and task options (nested)
+_FREE_KEYS = ("sweep", "task.options")
+#: leaf keys that make no sense as a sweep axis
+_NOT_SWEEPABLE = ("sweep", "num_samples")
+_OPTIONS_PREFIX = "task.options."
+_MAX_ERROR_LINES = 30
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` and ``1.0e3`` as floats (YAML 1.2), not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def known_task_names() -> list[str]:
+    """Names of the registered tasks (``orderlab.tasks.TASKS``), sorted."""
+    from orderlab.tasks import TASKS
+
+    return sorted(TASKS)
+
+
+def known_ordering_names() -> list[str]:
+    """Names of the registered orderings (``orderlab.orderings.ORDERINGS``), sorted."""
+    from orderlab.orderings import ORDERINGS
+
+    return sorted(ORDERINGS)
+
+
+def _field_error(field: str, value: Any, reason: str) -> PydanticCustomError:
+    """A validation error for ``field`` (dotted, relative to the model raising it) and its value."""
+    return PydanticCustomError("orderlab", "{reason}", {"field": field, "value": value, "reason": reason})
+
+
+def _suggest(word: object, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` when ``word`` is close to one of ``choices``, else ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_name(kind: str, name: str, known: Sequence[str]) -> PydanticCustomError:
+    return _field_error("", name, f"unknown {kind}{_suggest(name, known)}; known: {', '.join(known)}")
+
+
+class TaskConfig(BaseModel):
+    """Which benchmark task to train, where its data lives, and its task-specific options."""
+
+    model_config = _MODEL_CONFIG
+    name: str
+    data_dir: str | None = None
+    options: dict[str, Any] = {}  # validated by the task itself
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        known = known_task_names()
+        if name not in known:
+            raise _unknown_name("task", name, known)
+        return name
+
+
+class LRScheduleConfig(BaseModel):
+    """Learning-rate schedule over epochs; a plain string is shorthand for ``{name: ...}``."""
+
+    model_config = _MODEL_CONFIG
+    name: Literal["constant", "step", "multistep", "cosine", "linear", "warmup-cosine"] = "constant"
+    step_size: Int = Field(10, ge=1)
+    gamma: Float = Field(0.1, gt=0)
+    milestones: list[Annotated[int, Strict(), Field(ge=1)]] = []
+    warmup_epochs: Int = Field(0, ge=0)
+    min_lr: Float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _check_milestones(self) -> Self:
+        if self.name == "multistep" and not self.milestones:
+            raise _field_error("milestones", self.milestones, "must list >= 1 epoch for name='multistep'")
+        if any(b <= a for a, b in itertools.pairwise(self.milestones)):
+            raise _field_error("milestones", self.milestones, "must be strictly increasing")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """Training loop settings; ``batch_size`` is global, summed over ``num_workers``."""
+
+    model_config = _MODEL_CONFIG
+    epochs: Int = Field(10, ge=1)
+    batch_size: Int = Field(32, ge=1)
+    num_workers: Int = Field(2, ge=1)
+    unit: Literal["example", "microbatch"] = "example"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: Float = Field(0.1, gt=0)
+    momentum: Float = Field(0.0, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    lr_base_batch_size: Int | None = Field(None, ge=1)
+    max_failures: Int = Field(0, ge=0)
+
+    @property
+    def microbatch_size(self) -> int:
+        """Units each worker takes per step: ``batch_size // num_workers``."""
+        return self.batch_size // self.num_workers
+
+    @property
+    def effective_lr(self) -> float:
+        """``lr`` scaled by ``batch_size / lr_base_batch_size`` (or its square root) per ``lr_scaling``."""
+        if self.lr_scaling == "none" or self.lr_base_batch_size is None:
+            return self.lr
+        ratio = self.batch_size / self.lr_base_batch_size
+        return self.lr * (ratio if self.lr_scaling == "linear" else math.sqrt(ratio))
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Self:
+        if self.batch_size % self.num_workers:
+            raise _field_error("batch_size", self.batch_size, _divisibility_hint(self))
+        if self.momentum > 0 and self.optimizer != "sgd":
+            raise _field_error(
+                "momentum", self.momentum, f"is for sgd only; set it to 0 or use betas with {self.optimizer}"
+            )
+        if self.lr_scaling != "none" and self.lr_base_batch_size is None:
+            reason = (
+                f"required when train.lr_scaling={self.lr_scaling!r}: the batch size train.lr was tuned for"
+            )
+            raise _field_error("lr_base_batch_size", None, reason)
+        schedule = self.lr_schedule
+        if schedule.name == "warmup-cosine" and schedule.warmup_epochs >= self.epochs:
+            reason = f"must be < train.epochs={self.epochs}"
+            raise _field_error("lr_schedule.warmup_epochs", schedule.warmup_epochs, reason)
+        if schedule.milestones and schedule.milestones[-1] >= self.epochs:
+            raise _field_error(
+                "lr_schedule.milestones", schedule.milestones, f"must all be < train.epochs={self.epochs}"
+            )
+        return self
+
+
+def _divisibility_hint(train: TrainConfig) -> str:
+    """Why batch_size and num_workers clash, with the nearest valid value of each."""
+    size, workers = train.batch_size, train.num_workers
+    lower, upper = size - size % workers, size - size % workers + workers
+    sizes = " or ".join(str(b) for b in (lower, upper) if b >= workers)
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    below = [d for d in divisors if d < workers]
+    above = [d for d in divisors if d > workers]
+    nearest = " or ".join(str(d) for d in (below[-1:] + above[:1]))
+    return (
+        f"must be divisible by train.num_workers={workers} (the global batch is split evenly); "
+        f"use train.batch_size={sizes}, or train.num_workers={nearest}"
+    )
+
+
+class OrderingConfig(BaseModel):
+    """Which example ordering to use and how workers talk to its order server."""
+
+    model_config = _MODEL_CONFIG
+    name: str = "rr"
+    first_epoch: Literal["random", "identity"] = "random"
+    balance: Literal["deterministic", "probabilistic"] = "deterministic"
+    balance_c: Float = Field(30.0, gt=0)
+    message_steps: Int = Field(16, ge=1)  # training steps batched into one message to the server
+    max_in_flight: Int = Field(4, ge=1)  # messages a worker may have outstanding
+
+    @field_validator("name")
+    @classmethod
+    def _known_ordering(cls, name: str) -> str:
+        known = known_ordering_names()
+        if name not in known:
+            raise _unknown_name("ordering", name, known)
+        return name
+
+
+class ResourcesConfig(BaseModel):
+    """Ray resources per worker and per trial."""
+
+    model_config = _MODEL_CONFIG
+    cpus_per_worker: Float = Field(0.45, gt=0)
+    gpus_per_worker: Float = Field(0.0, ge=0)
+    trial_cpus: Float = Field(0.1, gt=0)
+    max_concurrent_trials: Int | None = Field(None, ge=1)  # None: computed from the cluster
+    num_threads: Int = Field(1, ge=1)  # torch threads per worker
+
+
+class ExperimentConfig(BaseModel):
+    """One experiment: the base trial config plus the sweep axes expanded around it."""
+
+    model_config = _MODEL_CONFIG
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: Int = Field(0, ge=0, lt=2**63)
+    task: TaskConfig
+    train: TrainConfig = TrainConfig()
+    ordering: OrderingConfig = OrderingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    storage: str = Field("results", min_length=1)
+    sweep: dict[str, list[Any]] = {}  # dotted key -> values; see expand_grid
+    num_samples: Int = Field(1, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_relative_dir(cls, name: str) -> str:
+        if name in (".", ".."):
+            raise _field_error("", name, "must name a directory, not '.' or '..'")
+        return name
+
+    @field_validator("sweep")
+    @classmethod
+    def _check_axes(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        valid = sweep_axes()
+        for axis, values in sweep.items():
+            if not _is_sweep_axis(axis):
+                axes = ", ".join([*valid, _OPTIONS_PREFIX + "<key>"])
+                reason = f"unknown sweep axis{_suggest(axis, valid)}; valid axes: {axes}"
+                raise _field_error(axis, values, reason)
+            if not values:
+                raise _field_error(axis, values, "needs at least one value")
+        return sweep
+
+    def with_overrides(self, overrides: Overrides) -> ExperimentConfig:
+        """A copy with dotted ``overrides`` applied and re-validated.
+
+        Raises:
+            OrderlabError: an unknown key or an invalid resulting config.
+        """
+        return validate(apply_overrides(self.model_dump(), overrides), source="overrides")
+
+
+# ---------------------------------------------------------------- schema walking
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The model class when a field holds a nested section, else None."""
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation if is_model else None
+
+
+def leaf_keys() -> list[str]:
+    """All dotted leaf keys of ``ExperimentConfig``, in declaration order."""
+
+    def walk(model: type[BaseModel], prefix: str) -> list[str]:
+        keys: list[str] = []
+        for name, field in model.model_fields.items():
+            sub = _section(field.annotation)
+            keys += walk(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
+        return keys
+
+    return walk(ExperimentConfig, "")
+
+
+def sweep_axes() -> list[str]:
+    """The keys a sweep may vary: leaves (but ``sweep``, ``num_samples``) and ``train.lr_schedule``.
+
+    ``task.options.<key>`` is also an axis, for any ``<key>``.
+    """
+    return [k for k in leaf_keys() if k not in _NOT_SWEEPABLE] + ["train.lr_schedule"]
+
+
+def _is_sweep_axis(key: str) -> bool:
+    return key in sweep_axes() or (key.startswith(_OPTIONS_PREFIX) and key != _OPTIONS_PREFIX)
+
+
+def _model_at(parts: Sequence[Any]) -> type[BaseModel] | None:
+    """The section model at dotted path ``parts`` (() is ExperimentConfig), or None."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in parts:
+        field = model.model_fields.get(part) if model and isinstance(part, str) else None
+        model = _section(field.annotation) if field else None
+    return model
+
+
+def _unknown_key(full_key: str, depth: int, model: type[BaseModel]) -> str:
+    """``full_key`` has no field at its ``depth``-th part in ``model``: name it and the valid keys."""
+    parts = full_key.split(".")
+    valid, parent = list(model.model_fields), ".".join(parts[:depth])
+    where = f"under {parent}" if parent else "at the top level"
+    unknown = f"unknown key {parts[depth]!r}{_suggest(parts[depth], valid)}"
+    return f"{full_key}: {unknown}; valid keys {where}: {', '.join(valid)}"
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _parse_overrides(overrides: Overrides) -> list[tuple[str, Any]]:
+    """``[(dotted_key, value)]`` from a mapping or from ``"key=value"`` strings (values YAML-parsed)."""
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    items = [overrides] if isinstance(overrides, str) else list(overrides)
+    pairs: list[tuple[str, Any]] = []
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise OrderlabError(f"override {item!r} must look like dotted.key=value, e.g. train.lr=0.05")
+        try:
+            pairs.append((key.strip(), yaml.load(text, Loader=_Loader)))
+        except yaml.YAMLError as err:
+            raise OrderlabError(f"override {item!r}: malformed YAML: {_describe_yaml_error(err)}") from None
+    return pairs
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Overrides | None) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted override set; a mapping value merges into a section.
+
+    ``sweep.<axis>`` takes the rest of the key as one axis name (``sweep.ordering.name``) and
+    ``task.options.<x>`` accepts any (nested) key; every other key must exist in the schema.
+
+    Raises:
+        OrderlabError: an unknown key (naming it and the valid keys at its level) or a malformed
+            ``"key=value"`` string.
+    """
+    result = copy.deepcopy(dict(data))
+    for key, value in _parse_overrides(overrides or {}):
+        if not isinstance(key, str):
+            raise OrderlabError(f"override key {key!r} must be a dotted string such as 'train.lr'")
+        _set(result, key, value)
+    return result
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` in ``data`` (the whole config), checking each part against the schema."""
+    parts = key.split(".")
+    node, model = data, ExperimentConfig
+    for depth, part in enumerate(parts):
+        dotted, rest = ".".join(parts[: depth + 1]), parts[depth + 1 :]
+        field = model.model_fields.get(part)
+        if field is None:
+            raise OrderlabError(_unknown_key(key, depth, model))
+        sub = _section(field.annotation)
+        if sub is not None and not rest and isinstance(value, Mapping):
+            for sub_key, sub_value in value.items():
+                _set(data, f"{dotted}.{sub_key}", sub_value)
+            return
+        if not rest:
+            node[part] = copy.deepcopy(value)
+            return
+        if sub is None and dotted not in _FREE_KEYS:
+            raise OrderlabError(f"{key}: {dotted} is a value, not a section with keys")
+        node = _mapping_at(node, part, dotted)
+        if sub is None:
+            path = [".".join(rest)] if dotted == "sweep" else rest  # a sweep axis is one dotted name
+            for i, free_part in enumerate(path[:-1]):
+                node = _mapping_at(node, free_part, ".".join([dotted, *path[: i + 1]]))
+            node[path[-1]] = copy.deepcopy(value)
+            return
+        model = sub
+
+
+def _mapping_at(node: dict[str, Any], key: str, dotted: str) -> dict[str, Any]:
+    """``node[key]`` as a dict to write into: created when absent, a schedule shorthand expanded."""
+    child = node.get(key)
+    if child is None or (isinstance(child, str) and dotted == "train.lr_schedule"):
+        child = {} if child is None else {"name": child}
+    if not isinstance(child, dict):
+        raise OrderlabError(f"{dotted}={child!r} is not a mapping, so it has no sub-keys to set")
+    node[key] = child
+    return child
+
+
+# ---------------------------------------------------------------- validation and loading
+
+
+def _format_error(err: Any, source: str) -> str:
+    """One line for one pydantic error: ``{source}: {dotted.loc}={value!r}: {reason}``."""
+    loc = [str(part) for part in err["loc"]]
+    value, reason, ctx = err.get("input"), err["msg"], err.get("ctx", {})
+    kind = err["type"]
+    if kind == "orderlab":
+        loc += [p for p in str(ctx["field"]).split(".") if p]
+        value, reason = ctx["value"], ctx["reason"]
+    elif kind == "extra_forbidden":
+        model = _model_at(err["loc"][:-1])
+        if model is not None:
+            return f"{source}: {_unknown_key('.'.join(loc), len(loc) - 1, model)}"
+    elif kind == "missing":
+        return f"{source}: {'.'.join(loc)}: required key is missing"
+    elif kind == "literal_error":
+        parent, leaf = _model_at(err["loc"][:-1]), err["loc"][-1]
+        field = parent.model_fields.get(leaf) if parent else None
+        allowed = [str(a) for a in get_args(field.annotation)] if field else []
+        if field and get_origin(field.annotation) is Literal:
+            reason = f"must be one of: {', '.join(allowed)}{_suggest(value, allowed)}"
+    elif kind == "string_pattern_mismatch" and loc == ["name"]:
+        reason = "may contain only letters, digits, '_', '.' and '-' (it names directories)"
+    elif kind in _BOUNDS:
+        reason = f"must be {_BOUNDS[kind]} {next(iter(ctx.values()))}"
+    elif kind == "value_error":
+        reason = str(ctx.get("error", reason))
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{source}: {'.'.join(loc) or '(top level)'}={text}: {reason}"
+
+
+def validate(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate plain ``data`` (e.g. parsed YAML) into an ``ExperimentConfig``.
+
+    Args:
+        data: a mapping shaped like ``ExperimentConfig``.
+        source: what the data came from (a file name), the prefix of every error line.
+
+    Raises:
+        OrderlabError: one line per problem, ``{source}: {dotted.key}={value!r}: {reason}``.
+    """
+    cfg, lines = _checked(data, source)
+    if cfg is None:
+        raise OrderlabError("\n".join(lines))
+    return cfg
+
+
+def _checked(data: Any, source: str) -> tuple[ExperimentConfig | None, list[str]]:
+    """The validated config, or None and one error line per problem."""
+    try:
+        return ExperimentConfig.model_validate(data), []
+    except ValidationError as exc:
+        return None, [_format_error(err, source) for err in exc.errors()]
+
+
+def load_config(path: str | Path, overrides: Overrides | None = None) -> ExperimentConfig:
+    """Read the YAML experiment file ``path``, apply ``overrides`` and validate.
+
+    Args:
+        path: a YAML file whose top level is a mapping shaped like ``ExperimentConfig``.
+        overrides: ``{"train.lr": 0.05}`` or ``["train.lr=0.05", "sweep.seed=[0,1]"]``.
+
+    Raises:
+        OrderlabError: missing file, malformed YAML (with file and line), or an invalid config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OrderlabError(f"config file {str(path)!r} not found; pass the path of an experiment YAML file")
+    try:
+        # bytes, so that undecodable files also surface as a YAMLError with a position
+        data = yaml.load(path.read_bytes(), Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise OrderlabError(f"{path}: malformed YAML: {_describe_yaml_error(err)}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise OrderlabError(f"{path}: the top level is {kind}; it must be a mapping with at least task.name")
+    return validate(apply_overrides(data, overrides), source=str(path))
+
+
+def _describe_yaml_error(err: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` from a PyYAML error (lines and columns start at 1)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"byte {err.position}: {err.reason} (is it a text file in UTF-8?)"
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or str(err)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else str(problem)
+
+
+# ---------------------------------------------------------------- sweep grids
+
+
+def expand_grid(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The cartesian product of ``cfg.sweep``, one dict of dotted overrides per point.
+
+    Axes vary in the order they are listed in ``cfg.sweep``, the last one fastest; no axes
+    gives one empty point.
+    """
+    axes = list(cfg.sweep)
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*cfg.sweep.values())]
+
+
+def validate_grid(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """Every sweep point of ``cfg`` as its own validated config (with an empty ``sweep``).
+
+    Raises:
+        OrderlabError: any point is invalid; each line names the point's axis values.
+    """
+    base = cfg.model_dump()
+    base["sweep"] = {}
+    points: list[ExperimentConfig] = []
+    lines: list[str] = []
+    for point in expand_grid(cfg):
+        label = "sweep[" + ", ".join(f"{k}={v!r}" for k, v in point.items()) + "]"
+        point_cfg, point_lines = _checked(apply_overrides(base, point), label)
+        points += [point_cfg] if point_cfg else []
+        lines += point_lines
+    if lines:
+        more = len(lines) - _MAX_ERROR_LINES
+        raise OrderlabError("\n".join(lines[:_MAX_ERROR_LINES] + ([f"... {more} more"] if more > 0 else [])))
+    return points
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg`` as JSON-friendly plain data (tuples become lists)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,92 @@
+"""Per-unit gradients as flat float32 vectors.
+
+``unit: example``: one gradient per example with ``torch.func.vmap(grad_and_value(...))`` over the
+microbatch (Horace He & Richard Zou, functorch; torch.func "per-sample-gradients" tutorial).
+``unit: microbatch``: the microbatch gradient a plain ``backward`` gives, one per worker step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from orderlab.errors import OrderlabError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def num_parameters(model: nn.Module) -> int:
+    """d: the number of trainable scalars, the length of every flat gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_vmappable(model: nn.Module) -> None:
+    """Reject models whose per-example gradients ``vmap`` cannot compute.
+
+    Raises:
+        OrderlabError: the model has BatchNorm with running statistics (its batch statistics mix
+            examples), naming the module and the fixes.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise OrderlabError(
+                f"train.unit='example' needs per-example gradients, but module {name!r} "
+                f"({type(module).__name__}) tracks running statistics, which vmap cannot split per example; "
+                "use train.unit='microbatch', or replace it with GroupNorm/LayerNorm "
+                "(or construct it with track_running_stats=False)"
+            )
+
+
+def per_example_gradients(
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example flat gradients and losses of ``loss_fn(model(x[None]), y[None])``.
+
+    Args:
+        model: the network (call ``check_vmappable`` once before).
+        loss_fn: mean-reduced loss of (outputs, targets).
+        inputs: [k, ...] microbatch inputs. targets: [k, ...] their targets.
+
+    Returns:
+        (grads [k, d] float32 in ``model.parameters()`` order, losses [k] float32).
+    """
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        outputs = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+        return loss_fn(outputs, y.unsqueeze(0))
+
+    grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
+    return flat.to(torch.float32), losses.detach().to(torch.float32)
+
+
+def microbatch_gradient(
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat gradient of the mean loss over a microbatch, by one ``backward``.
+
+    Returns:
+        (grad [d] float32, loss [] float32).
+    """
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    return flat.to(torch.float32), loss.detach().to(torch.float32)
+
+
+def assign_flat_gradient(model: nn.Module, flat: torch.Tensor) -> None:
+    """Write ``flat`` [d] into the ``.grad`` of the model's trainable parameters, in order."""
+    offset = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            size = p.numel()
+            p.grad = flat[offset : offset + size].view_as(p).to(p.dtype).clone()
+            offset += size
+    assert offset == flat.numel(), "flat gradient length must equal num_parameters(model)"

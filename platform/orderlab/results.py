@@ -1,0 +1,391 @@
+"""Result tables of docs/architecture.md: Parquet schemas, the atomic writer, DuckDB views, summaries.
+
+Layout under a storage root (a local path or an s3://, gs://, file:// URI), one file per row:
+
+    {root}/trials/{sweep}/{trial_id}.parquet
+    {root}/epochs/{sweep}/{trial_id}/epoch-{epoch:05d}.parquet
+
+Names are deterministic, so a retried trial or epoch overwrites its file instead of adding a row.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from orderlab.errors import OrderlabError
+
+_STR, _I32, _I64, _F64, _UTC_US = (
+    pa.string(),
+    pa.int32(),
+    pa.int64(),
+    pa.float64(),
+    pa.timestamp("us", tz="UTC"),
+)
+_KEYS = [pa.field("trial_id", _STR, nullable=False), pa.field("sweep", _STR, nullable=False)]
+
+# fmt: off
+TRIALS_SCHEMA = pa.schema([
+    *_KEYS,
+    ("task", _STR), ("ordering", _STR), ("unit", _STR),
+    ("num_workers", _I32), ("batch_size", _I32), ("microbatch_size", _I32),
+    ("optimizer", _STR), ("lr", _F64), ("lr_schedule", _STR), ("momentum", _F64), ("weight_decay", _F64),
+    ("seed", _I32), ("epochs", _I32), ("shard_size", _I32),
+    ("num_dropped", _I64),  # examples dropped from the tail to make equal shards
+    ("status", _STR), ("error", _STR),  # status: one of STATUSES
+    ("started_at", _UTC_US), ("finished_at", _UTC_US), ("wall_seconds", _F64),
+    ("orderlab_version", _STR), ("ray_version", _STR), ("torch_version", _STR), ("python_version", _STR),
+    ("git_commit", _STR),
+    ("config_json", _STR),  # the whole trial config as JSON
+])
+
+EPOCHS_SCHEMA = pa.schema([
+    *_KEYS,
+    pa.field("epoch", _I32, nullable=False),  # 0-based; the state after training epoch `epoch`
+    ("train_loss", _F64),  # full pass at fixed weights
+    ("val_loss", _F64), ("val_metric", _F64), ("val_metric_name", _STR), ("lr", _F64),
+    ("epoch_seconds", _F64), ("compute_seconds", _F64), ("allreduce_seconds", _F64),
+    ("order_wait_seconds", _F64), ("bytes_to_server", _I64),
+    ("herding", _F64),  # parallel herding bound of the epoch, when measured
+])
+# fmt: on
+
+TABLES: dict[str, pa.Schema] = {"trials": TRIALS_SCHEMA, "epochs": EPOCHS_SCHEMA}
+STATUSES = ("running", "completed", "error", "diverged")
+
+# summary(): the columns that define one comparison; orderings are compared within a group.
+GROUP_COLUMNS = (
+    "sweep", "task", "unit", "num_workers", "batch_size", "optimizer",
+    "lr", "lr_schedule", "momentum", "weight_decay",
+)  # fmt: skip
+# A mean curve "reaches" the baseline's final loss at <= target; the relative slack only absorbs
+# float summation-order differences between the two averages (a tie must count as reached).
+_TIE_RTOL = 1e-9
+
+
+def _storage(root: str) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and base path of a storage root: a URI via pyarrow, else an absolute local path."""
+    if not root:
+        raise OrderlabError("results root is empty; pass a directory or an s3://, gs://, file:// URI")
+    if "://" not in root:
+        return pafs.LocalFileSystem(), os.path.abspath(root)
+    try:
+        fs, path = pafs.FileSystem.from_uri(root)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise OrderlabError(
+            f"results root {root!r} is not a usable URI ({exc}); use s3://, gs://, file://"
+        ) from exc
+    return fs, path.rstrip("/")
+
+
+def _row_table(table: str, row: dict[str, Any]) -> pa.Table:
+    """Validate ``row`` against ``TABLES[table]`` and return it as a one-row Arrow table.
+
+    Raises:
+        OrderlabError: a required key is missing or null, a key is unknown, a value does not fit
+            its column's type, ``status`` is not one of STATUSES, or a path key is not a plain name.
+    """
+    schema = TABLES[table]
+    unknown = sorted(set(row) - set(schema.names))
+    if unknown:
+        raise OrderlabError(
+            f"{table} row has unknown column(s) {', '.join(unknown)}; known: {', '.join(schema.names)}"
+        )
+    for field in schema:
+        if not field.nullable and row.get(field.name) is None:
+            raise OrderlabError(f"{table} row is missing required key {field.name!r}; give it a value")
+    arrays = []
+    for field in schema:
+        value = row.get(field.name)
+        try:
+            arrays.append(pa.array([value], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise OrderlabError(f"{table}.{field.name}={value!r} does not fit {field.type}: {exc}") from exc
+    for key in ("sweep", "trial_id"):  # they become file and directory names
+        name = row[key]
+        if not isinstance(name, str) or not name or name[0] == "." or "/" in name or "\\" in name:
+            raise OrderlabError(f"{table}.{key}={name!r} must be a name without '/', '\\' or a leading '.'")
+    status = row.get("status")
+    if status is not None and status not in STATUSES:
+        raise OrderlabError(f"{table}.status={status!r} is unknown; known: {', '.join(STATUSES)}")
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _write_atomic(root: str, parts: list[str], table: pa.Table) -> str:
+    """Write ``table`` to ``{root}/{parts...}`` via a temp file and a move; return the final path."""
+    fs, base = _storage(root)
+    directory = "/".join([base, *parts[:-1]])
+    final = f"{directory}/{parts[-1]}"
+    # The temp name does not end in .parquet, so readers globbing *.parquet never see a partial file.
+    tmp = f"{directory}/.{parts[-1]}.{uuid.uuid4().hex}.tmp"
+    try:
+        fs.create_dir(directory, recursive=True)
+        with fs.open_output_stream(tmp) as sink:
+            pq.write_table(table, sink)
+        fs.move(tmp, final)
+    except OSError as exc:
+        raise OrderlabError(
+            f"cannot write results under {root!r} ({exc}); choose a writable storage root"
+        ) from exc
+    # Hand back what a user would pass: a local path, or a URI with the root's scheme.
+    return final if isinstance(fs, pafs.LocalFileSystem) else f"{root.split('://', 1)[0]}://{final}"
+
+
+def write_trial(root: str, row: dict[str, Any]) -> str:
+    """Write (or overwrite) one trial's row as ``{root}/trials/{sweep}/{trial_id}.parquet``.
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        row: column -> value for TRIALS_SCHEMA; ``trial_id`` and ``sweep`` are required, absent
+            columns are stored as null, timestamps are datetimes (naive ones are taken as UTC).
+
+    Returns:
+        The final file's path (a URI for remote roots).
+
+    Raises:
+        OrderlabError: a required key is missing, a key is unknown, a value has the wrong type, or
+            the root is not writable.
+    """
+    table = _row_table("trials", row)
+    return _write_atomic(root, ["trials", row["sweep"], f"{row['trial_id']}.parquet"], table)
+
+
+def write_epoch(root: str, row: dict[str, Any]) -> str:
+    """Write (or overwrite) one epoch's row as ``{root}/epochs/{sweep}/{trial_id}/epoch-{epoch:05d}.parquet``.
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        row: column -> value for EPOCHS_SCHEMA; ``trial_id``, ``sweep`` and ``epoch`` (0-based) are
+            required, absent columns are stored as null.
+
+    Returns:
+        The final file's path (a URI for remote roots).
+
+    Raises:
+        OrderlabError: a required key is missing, a key is unknown, a value has the wrong type, or
+            the root is not writable.
+    """
+    table = _row_table("epochs", row)
+    parts = ["epochs", row["sweep"], row["trial_id"], f"epoch-{int(row['epoch']):05d}.parquet"]
+    return _write_atomic(root, parts, table)
+
+
+def _parquet_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Sorted paths of the finished ``*.parquet`` files under ``directory`` (none if it is absent)."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def connect(root: str) -> duckdb.DuckDBPyConnection:
+    """Open an in-memory DuckDB connection with views ``trials`` and ``epochs`` over a storage root.
+
+    Local roots get views over ``read_parquet`` globs, so rows written later show up in later
+    queries; remote roots are read once through pyarrow. A table with no files yet is an empty
+    view with the schema's columns (reconnect to see rows written after that).
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI; a missing root is empty.
+
+    Returns:
+        The connection; ``con.sql("SELECT ... FROM epochs").df()`` gives pandas.
+
+    Raises:
+        OrderlabError: the root is a file or cannot be listed.
+    """
+    fs, base = _storage(root)
+    try:
+        root_is_file = fs.get_file_info(base).type == pafs.FileType.File
+        files_by_table = {name: _parquet_files(fs, f"{base}/{name}") for name in TABLES}
+    except OSError as exc:
+        raise OrderlabError(
+            f"cannot read results under {root!r} ({exc}); pass the sweep's storage root"
+        ) from exc
+    if root_is_file:
+        raise OrderlabError(f"results root {root!r} is a file; pass the directory the sweep wrote to")
+    con = duckdb.connect()
+    for name, schema in TABLES.items():
+        directory, files = f"{base}/{name}", files_by_table[name]
+        if not files:
+            con.register(name, schema.empty_table())
+        elif isinstance(fs, pafs.LocalFileSystem):
+            pattern = f"{directory}/**/*.parquet".replace("'", "''")  # a path, not a user value
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{pattern}', union_by_name=true)")
+        else:
+            con.register(name, ds.dataset(files, schema=schema, format="parquet", filesystem=fs).to_table())
+    return con
+
+
+def _select(root: str, table: str, filters: dict[str, Any], order_by: str) -> pd.DataFrame:
+    """``SELECT * FROM table WHERE <filters> ORDER BY order_by`` with bound parameters."""
+    columns = TABLES[table].names
+    unknown = sorted(set(filters) - set(columns))
+    if unknown:
+        raise OrderlabError(
+            f"unknown {table} filter column(s) {', '.join(unknown)}; known: {', '.join(columns)}"
+        )
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in filters.items():
+        if isinstance(value, list | tuple | set | frozenset):
+            values = sorted(value) if isinstance(value, set | frozenset) else list(value)
+            clauses.append(f'"{column}" IN ({", ".join("?" * len(values))})' if values else "FALSE")
+            params.extend(values)
+        elif value is None:
+            clauses.append(f'"{column}" IS NULL')
+        else:
+            clauses.append(f'"{column}" = ?')
+            params.append(value)
+    sql = f"SELECT * FROM {table} WHERE {' AND '.join(clauses) or 'TRUE'} ORDER BY {order_by}"
+    with connect(root) as con:
+        try:
+            return con.execute(sql, params).df()
+        except duckdb.ConversionException as exc:
+            raise OrderlabError(f"{table} filters {filters!r} do not match the column types: {exc}") from exc
+
+
+def trials(root: str, **filters: Any) -> pd.DataFrame:
+    """Trial rows as pandas, filtered by column equality, sorted by sweep and trial_id.
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        **filters: column=value (a list, tuple or set means IN, None means IS NULL),
+            e.g. ``trials(root, ordering=["rr", "cd-grab"], status="completed")``.
+
+    Returns:
+        One row per trial, with the columns of TRIALS_SCHEMA.
+
+    Raises:
+        OrderlabError: a filter names an unknown column or its value does not fit the column.
+    """
+    return _select(root, "trials", filters, "sweep, trial_id")
+
+
+def epochs(root: str, **filters: Any) -> pd.DataFrame:
+    """Epoch rows as pandas, filtered by column equality, sorted by trial_id and epoch.
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        **filters: column=value over EPOCHS_SCHEMA (a list, tuple or set means IN, None means IS NULL).
+
+    Returns:
+        One row per (trial, epoch), with the columns of EPOCHS_SCHEMA.
+
+    Raises:
+        OrderlabError: a filter names an unknown column or its value does not fit the column.
+    """
+    return _select(root, "epochs", filters, "trial_id, epoch, sweep")
+
+
+def _same_group(left: str, right: str) -> str:
+    """SQL join condition: equal group columns, with NULL matching NULL (e.g. momentum for Adam)."""
+    return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in GROUP_COLUMNS)
+
+
+def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.DataFrame:
+    """Compare orderings over seeds: one row per group (GROUP_COLUMNS) and ordering, completed trials only.
+
+    "Final" is each trial's row with the largest epoch. ``epochs_to_baseline`` is the first epoch
+    count (epoch index + 1) at which the ordering's mean-over-seeds train-loss curve is <= the
+    baseline ordering's ``final_train_loss_mean`` in the same group; NaN if never reached or the
+    group has no baseline.
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        baseline: the ordering whose final loss is the target, e.g. "rr".
+        sweep: only this sweep (default: all sweeps).
+
+    Returns:
+        GROUP_COLUMNS, ordering, num_seeds (completed trials with epoch rows), final_train_loss_mean,
+        final_train_loss_std (ddof=1, NaN with one seed), val_metric_mean, val_metric_name,
+        epochs_to_baseline (float), epoch_seconds_mean and order_wait_seconds_mean (over all epochs
+        and seeds); sorted by group, then final_train_loss_mean.
+
+    Raises:
+        OrderlabError: the root cannot be read.
+    """
+    group = ", ".join(GROUP_COLUMNS)
+    sql = f"""
+    WITH ep AS (
+        SELECT {", ".join(f"t.{c}" for c in GROUP_COLUMNS)}, t.ordering, e.trial_id, e.epoch, e.train_loss,
+               e.val_metric, e.val_metric_name, e.epoch_seconds, e.order_wait_seconds
+        FROM epochs e JOIN trials t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
+        WHERE t.status = 'completed' AND ($sweep::VARCHAR IS NULL OR t.sweep = $sweep)
+    ), final AS (
+        SELECT * FROM ep QUALIFY row_number() OVER (PARTITION BY sweep, trial_id ORDER BY epoch DESC) = 1
+    ), per_ordering AS (
+        SELECT {group}, ordering, count(*) AS num_seeds, avg(train_loss) AS final_train_loss_mean,
+               stddev_samp(train_loss) AS final_train_loss_std, avg(val_metric) AS val_metric_mean,
+               min(val_metric_name) AS val_metric_name
+        FROM final GROUP BY ALL
+    ), timing AS (
+        SELECT {group}, ordering, avg(epoch_seconds) AS epoch_seconds_mean,
+               avg(order_wait_seconds) AS order_wait_seconds_mean
+        FROM ep GROUP BY ALL
+    ), curve AS (
+        SELECT {group}, ordering, epoch, avg(train_loss) AS train_loss_mean FROM ep GROUP BY ALL
+    ), reached AS (
+        SELECT {", ".join(f"c.{col}" for col in GROUP_COLUMNS)}, c.ordering,
+               CAST(min(c.epoch) + 1 AS DOUBLE) AS epochs_to_baseline
+        FROM curve c JOIN per_ordering b ON {_same_group("c", "b")} AND b.ordering = $baseline
+        WHERE c.train_loss_mean <= b.final_train_loss_mean + {_TIE_RTOL} * abs(b.final_train_loss_mean)
+        GROUP BY ALL
+    )
+    SELECT p.*, r.epochs_to_baseline, m.epoch_seconds_mean, m.order_wait_seconds_mean
+    FROM per_ordering p
+    LEFT JOIN reached r ON {_same_group("p", "r")} AND p.ordering = r.ordering
+    LEFT JOIN timing m ON {_same_group("p", "m")} AND p.ordering = m.ordering
+    ORDER BY {", ".join(f"p.{c}" for c in GROUP_COLUMNS)}, p.final_train_loss_mean, p.ordering
+    """
+    with connect(root) as con:
+        return con.execute(sql, {"sweep": sweep, "baseline": baseline}).df()
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    """Render ``summary()`` as a plain-text table, with a header line per group when there are several.
+
+    Args:
+        df: the DataFrame returned by ``summary()``.
+
+    Returns:
+        The table as text; group headers name only the group columns that differ between groups.
+    """
+    if df.empty:
+        return "no completed trials"
+
+    def cells(column: str, spec: str) -> list[str]:
+        return ["-" if pd.isna(value) else format(value, spec) for value in df[column]]
+
+    stds = ["" if std == "-" else f" ± {std}" for std in cells("final_train_loss_std", ".2g")]
+    names = ["" if pd.isna(name) else f" {name}" for name in df["val_metric_name"]]
+    table = pd.DataFrame(
+        {
+            "ordering": df["ordering"].tolist(),
+            "seeds": df["num_seeds"].tolist(),
+            "final train loss": [
+                m + s for m, s in zip(cells("final_train_loss_mean", ".4g"), stds, strict=True)
+            ],
+            "val metric": [v + n for v, n in zip(cells("val_metric_mean", ".4g"), names, strict=True)],
+            "epochs to baseline": cells("epochs_to_baseline", ".0f"),
+            "epoch s": cells("epoch_seconds_mean", ".2f"),
+            "order-wait s": cells("order_wait_seconds_mean", ".3f"),
+        }
+    )
+    header, *lines = table.to_string(index=False).splitlines()
+    group_ids = df.groupby(list(GROUP_COLUMNS), dropna=False, sort=False).ngroup().tolist()
+    if max(group_ids) == 0:
+        return "\n".join([header, *lines])
+    varying = [c for c in GROUP_COLUMNS if df[c].nunique(dropna=False) > 1]
+    out: list[str] = []
+    for i, line in enumerate(lines):  # summary() rows are sorted by group, so groups are contiguous
+        if i == 0 or group_ids[i] != group_ids[i - 1]:
+            out += ([""] if out else []) + [" ".join(f"{c}={df[c].iloc[i]}" for c in varying), header]
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,178 @@
+"""The order server: one Ray actor per trial that hosts the trial's ordering.
+
+Workers send keyed messages (epoch, start index, rank) carrying numpy payloads: pair differences for
+pair-balance/cd-grab, unit gradients for grab. The server applies items strictly in (item index,
+rank) order, whatever the arrival order, so the orders equal those of a centralized run; a replayed
+key does nothing. ``begin_epoch(epoch, rank)`` answers once that epoch's orders exist.
+``OrderServer`` is a plain class (unit tests construct it directly); ``RemoteOrderServer`` is the
+actor. Its methods are ``async`` so that ``begin_epoch`` can wait while messages keep arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from orderlab.orderings import make_ordering
+
+
+@dataclass(frozen=True)
+class OrderMessage:
+    """Items ``start .. start + len(items) - 1`` of worker ``rank`` in ``epoch``, in visiting order.
+
+    Attributes:
+        epoch: the epoch whose units produced the items (0-based).
+        start: index of the first item: a pair index (pair differences) or a unit position (gradients).
+        rank: the sending worker's rank.
+        items: [m, d] float32 or float16 numpy array.
+    """
+
+    epoch: int
+    start: int
+    rank: int
+    items: np.ndarray
+
+
+class OrderServer:
+    """Hosts one ordering for a trial and builds every epoch's orders from worker messages.
+
+    Args:
+        ordering: the ordering's name. num_workers: W. shard_size: n units per worker.
+        dim: d, the gradient length (ignored by gradient-free orderings).
+        seed, first_epoch, balance, balance_c: as ``orderlab.orderings.make_ordering``.
+
+    Raises:
+        OrderlabError: from ``make_ordering`` on an unknown name or invalid value.
+    """
+
+    def __init__(
+        self,
+        ordering: str,
+        *,
+        num_workers: int,
+        shard_size: int,
+        dim: int,
+        seed: int,
+        first_epoch: str = "random",
+        balance: str = "deterministic",
+        balance_c: float = 30.0,
+    ) -> None:
+        self.ordering = make_ordering(
+            ordering,
+            num_workers=num_workers,
+            shard_size=shard_size,
+            dim=dim,
+            seed=seed,
+            first_epoch=first_epoch,
+            balance=balance,
+            balance_c=balance_c,
+        )
+        self.num_workers = num_workers
+        self.orders: dict[int, np.ndarray] = {0: self.ordering.begin_epoch().numpy()}
+        self.epoch = 0  # the epoch whose items are being applied
+        self.cursor = 0  # items of self.epoch applied for every rank
+        self.pending: list[dict[int, np.ndarray]] = [{} for _ in range(num_workers)]
+        self.bytes_received = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.ordering.needs_gradients
+
+    async def push(self, messages: list[OrderMessage]) -> int:
+        """Accept messages (any arrival order) and apply every item that is now in order.
+
+        Returns:
+            The number of items of the current epoch applied so far.
+        """
+        for message in messages:
+            self._accept(message)
+        self._apply_ready()
+        return self.cursor
+
+    async def begin_epoch(self, epoch: int, rank: int) -> np.ndarray:
+        """Worker ``rank``'s order for ``epoch``: int64 array [shard_size], once that epoch's orders exist."""
+        while epoch not in self.orders:
+            if not self.ordering.needs_gradients and epoch == self.epoch + 1:
+                self._advance()
+                continue
+            self._changed.clear()
+            await self._changed.wait()
+        return self.orders[epoch][rank]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The server's state at an epoch boundary, for checkpoints (torch tensors and ints)."""
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "orders": {e: torch.from_numpy(o.copy()) for e, o in self.orders.items()},
+            "ordering": self.ordering.state_dict(),
+            "bytes_received": self.bytes_received,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Return to a ``snapshot``: messages applied after it are forgotten, pending ones dropped."""
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self.orders = {int(e): o.numpy().copy() for e, o in state["orders"].items()}
+        self.ordering.load_state_dict(state["ordering"])
+        self.bytes_received = int(state["bytes_received"])
+        self.pending = [{} for _ in range(self.num_workers)]
+        self._changed.set()
+
+    def _accept(self, message: OrderMessage) -> None:
+        if message.epoch != self.epoch:
+            # an earlier epoch's replay does nothing; a later epoch cannot exist before these orders
+            assert message.epoch < self.epoch, f"message for epoch {message.epoch} while building {self.epoch + 1}"
+            return
+        end = message.start + len(message.items)
+        if end <= self.cursor or message.start in self.pending[message.rank]:
+            return  # replayed key
+        if message.start < self.cursor:  # partly applied: keep the new tail
+            message = OrderMessage(message.epoch, self.cursor, message.rank, message.items[self.cursor - message.start :])
+        self.pending[message.rank][message.start] = message.items
+        self.bytes_received += message.items.nbytes
+
+    def _available(self, rank: int) -> int:
+        """Items of ``rank`` contiguous from the cursor."""
+        position, chunks = self.cursor, self.pending[rank]
+        while position in chunks:
+            position += len(chunks[position])
+        return position - self.cursor
+
+    def _take(self, rank: int, count: int) -> np.ndarray:
+        parts, position, chunks = [], self.cursor, self.pending[rank]
+        while count > 0:
+            chunk = chunks.pop(position)
+            if len(chunk) > count:
+                chunks[position + count] = chunk[count:]
+                chunk = chunk[:count]
+            parts.append(chunk)
+            position += len(chunk)
+            count -= len(chunk)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _apply_ready(self) -> None:
+        ready = min(self._available(rank) for rank in range(self.num_workers))
+        ready = min(ready, self.ordering.items_per_epoch - self.cursor)
+        if ready > 0:
+            items = np.stack([self._take(rank, ready) for rank in range(self.num_workers)])
+            self.ordering.observe_items(torch.from_numpy(items))
+            self.cursor += ready
+        if self.ordering.needs_gradients and self.cursor == self.ordering.items_per_epoch:
+            self._advance()
+
+    def _advance(self) -> None:
+        self.epoch += 1
+        self.cursor = 0
+        self.orders[self.epoch] = self.ordering.begin_epoch().numpy()
+        self.orders.pop(self.epoch - 2, None)
+        self._changed.set()
+
+
+RemoteOrderServer = ray.remote(num_cpus=0)(OrderServer)

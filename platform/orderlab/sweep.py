@@ -1,0 +1,352 @@
+"""Ray Tune sweeps: config -> param space -> one function trainable per trial -> Parquet results.
+
+Train V2 inside Tune, the supported way (docs/ray-notes.md): each Tune trial function creates the
+trial's order server (0 CPU, owned by the trial) and a ``TorchTrainer`` named after the trial, and
+calls ``fit()``. Rank 0 forwards its per-epoch report to Tune through ``TuneReportCallback``.
+Only this module and the CLI call ``ray.init``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import torch
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orderlab import results
+from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate_grid
+from orderlab.errors import OrderlabError
+from orderlab.grads import num_parameters
+from orderlab.orderings import ordering_class
+from orderlab.server import RemoteOrderServer
+from orderlab.tasks import make_task, resolve_data_dir
+from orderlab.worker import build_model, plan_trial, train_loop
+
+#: environment for every Ray process of a sweep; RAY_TRAIN_* reach the Train controller and workers
+RAY_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What a finished sweep produced.
+
+    Attributes:
+        name: the sweep name. storage: the results root (absolute path or URI).
+        num_trials / num_errors: trials run and trials that ended in error.
+        summary: ``orderlab.results.summary`` of the sweep (one row per ordering and setting).
+    """
+
+    name: str
+    storage: str
+    num_trials: int
+    num_errors: int
+    summary: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What the driver learns from a task before any trial: training-set size and gradient length."""
+
+    num_examples: int
+    dim: int
+
+
+def results_root(storage: str) -> str:
+    """``storage`` as an absolute local path or an unchanged URI (Train workers chdir elsewhere)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def inspect_task(cfg: ExperimentConfig) -> TaskFacts:
+    """Load the task's data and model once to size the trials' shards and gradients.
+
+    Raises:
+        OrderlabError: unknown task or option, missing or corrupt data files.
+    """
+    task = make_task(cfg.task.name, cfg.task.options)
+    data = task.load(resolve_data_dir(cfg.task.data_dir))
+    return TaskFacts(num_examples=len(data.train_targets), dim=num_parameters(build_model(task, cfg.seed)))
+
+
+def provenance() -> dict[str, str | None]:
+    """Versions and the git commit that the trials table records."""
+    commit = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "orderlab_version": metadata.version("orderlab"),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "git_commit": commit or None,
+    }
+
+
+def trial_row(cfg: ExperimentConfig, trial_id: str, shard_size: int, num_dropped: int) -> dict[str, Any]:
+    """The trials-table row of a trial that is about to start."""
+    train = cfg.train
+    return {
+        "trial_id": trial_id,
+        "sweep": cfg.name,
+        "task": cfg.task.name,
+        "ordering": cfg.ordering.name,
+        "unit": train.unit,
+        "num_workers": train.num_workers,
+        "batch_size": train.batch_size,
+        "microbatch_size": train.microbatch_size,
+        "optimizer": train.optimizer,
+        "lr": train.effective_lr,
+        "lr_schedule": train.lr_schedule.name,
+        "momentum": train.momentum,
+        "weight_decay": train.weight_decay,
+        "seed": cfg.seed,
+        "epochs": train.epochs,
+        "shard_size": shard_size,
+        "num_dropped": num_dropped,
+        "status": "running",
+        "started_at": datetime.now(UTC),
+        "config_json": json.dumps(config_to_dict(cfg)),
+    }
+
+
+def run_trial(point: dict[str, Any], *, base: dict[str, Any], facts: dict[str, TaskFacts], info: dict[str, Any]) -> None:
+    """The Tune function trainable: one trial = one order server + one ``TorchTrainer.fit()``.
+
+    Args:
+        point: this trial's dotted overrides (from the param space).
+        base: the sweep's config as a dict. facts: ``TaskFacts`` by task key. info: provenance.
+    """
+    cfg = ExperimentConfig.model_validate(base).with_overrides(point)
+    trial_id = tune.get_context().get_trial_id()
+    ordering = ordering_class(cfg.ordering.name)
+    task_facts = facts[task_key(cfg)]
+    plan = plan_trial(cfg.train, task_facts.num_examples, task_facts.dim, ordering.needs_gradients, ordering.message_kind)
+    root = results_root(cfg.storage)
+    row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
+    results.write_trial(root, row)
+    started = time.perf_counter()
+    server = RemoteOrderServer.remote(
+        cfg.ordering.name,
+        num_workers=plan.num_workers,
+        shard_size=plan.shard_size,
+        dim=plan.dim,
+        seed=cfg.seed,
+        first_epoch=cfg.ordering.first_epoch,
+        balance=cfg.ordering.balance,
+        balance_c=cfg.ordering.balance_c,
+    )
+    resources = cfg.resources
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "plan": asdict(plan),
+            "server": server,
+            "trial_id": trial_id,
+            "results_root": root,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=f"{root}/_train/{cfg.name}",
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    error: BaseException | None = None
+    try:
+        trainer.fit()
+    except Exception as failure:  # recorded in the trials table, then re-raised for Tune
+        error = failure
+    finally:
+        ray.kill(server)
+    row.update(
+        status="error" if error else "completed",
+        error=None if error is None else f"{type(error).__name__}: {error}"[:4000],
+        finished_at=datetime.now(UTC),
+        wall_seconds=time.perf_counter() - started,
+    )
+    results.write_trial(root, row)
+    if error is not None:
+        raise error
+
+
+def task_key(cfg: ExperimentConfig) -> str:
+    """Trials with equal keys share a task's data and model size."""
+    return json.dumps([cfg.task.name, cfg.task.options, cfg.task.data_dir, cfg.seed], sort_keys=True, default=str)
+
+
+class TrialLines(tune.Callback):
+    """One console line per finished trial."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        print(
+            f"done  {_describe(trial.config)}  train_loss={result.get('train_loss', float('nan')):.4f}  "
+            f"val_metric={result.get('val_metric', float('nan')):.4f}",
+            flush=True,
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"ERROR {_describe(trial.config)}  (see the trials table's error column)", flush=True)
+
+
+def _describe(point: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={value}" for key, value in point.items()) or "trial"
+
+
+def init_ray(address: str | None, verbose: bool) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray; reuse a live one."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address,
+        dashboard_host="127.0.0.1",
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        runtime_env={"env_vars": RAY_ENV},
+    )
+
+
+def max_concurrent_trials(configs: list[ExperimentConfig]) -> int:
+    """How many trials fit the cluster at once, so no trial waits forever for its workers.
+
+    Raises:
+        OrderlabError: one trial needs more CPUs or GPUs than the whole cluster has.
+    """
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    fits = []
+    for cfg in configs:
+        res, workers = cfg.resources, cfg.train.num_workers
+        need_cpus = res.trial_cpus + workers * res.cpus_per_worker
+        need_gpus = workers * res.gpus_per_worker
+        if need_cpus > cpus + 1e-9 or need_gpus > gpus + 1e-9:
+            raise OrderlabError(
+                f"a trial with train.num_workers={workers} needs {need_cpus:g} CPUs and {need_gpus:g} GPUs "
+                f"(resources.trial_cpus + num_workers × resources.cpus_per_worker / gpus_per_worker), but the "
+                f"cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower train.num_workers or "
+                "resources.cpus_per_worker, or use a larger cluster"
+            )
+        fit = math.floor((cpus + 1e-9) / need_cpus)
+        if need_gpus > 0:
+            fit = min(fit, math.floor((gpus + 1e-9) / need_gpus))
+        fits.append(fit)
+    limit = min(fits)
+    requested = configs[0].resources.max_concurrent_trials
+    return min(limit, requested) if requested else limit
+
+
+def grid_search_space(axes: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain lists become ``tune.grid_search``; Tune search spaces pass through unchanged."""
+    return {key: tune.grid_search(list(value)) if isinstance(value, list | tuple) else value for key, value in axes.items()}
+
+
+def sweep(
+    config: str | Path | ExperimentConfig,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+    param_space: Mapping[str, Any] | None = None,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+) -> SweepResult:
+    """Run every trial of a sweep on Ray and return its summary.
+
+    Args:
+        config: a YAML path or a validated ``ExperimentConfig``.
+        overrides: dotted overrides, e.g. ``{"train.epochs": 3}`` or ``["train.epochs=3"]``.
+        param_space: extra sweep axes by dotted key: plain lists (grid) or ``ray.tune`` search spaces
+            (``tune.grid_search``, ``tune.loguniform``, ...; sampled ``num_samples`` times).
+        address: a Ray cluster (``ray://`` or ``HOST:PORT``); default ``RAY_ADDRESS`` or an embedded local Ray.
+        verbose: Ray's and Tune's own console output instead of one line per trial.
+
+    Raises:
+        OrderlabError: any invalid config value (before anything runs), missing data, or a trial
+            that cannot fit the cluster.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    if isinstance(config, ExperimentConfig) and overrides:
+        cfg = cfg.with_overrides(dict(overrides))
+    plain_axes = {k: list(v) for k, v in (param_space or {}).items() if isinstance(v, list | tuple)}
+    if plain_axes:
+        cfg = cfg.with_overrides({f"sweep.{k}": v for k, v in plain_axes.items()})
+    points = validate_grid(cfg)
+    facts = {task_key(point): inspect_task(point) for point in points}
+    for point in points:
+        fact = facts[task_key(point)]
+        ordering = ordering_class(point.ordering.name)
+        plan_trial(point.train, fact.num_examples, fact.dim, ordering.needs_gradients, ordering.message_kind)
+    init_ray(address, verbose)
+    root = results_root(cfg.storage)
+    space = grid_search_space({**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}})
+    base = config_to_dict(cfg.with_overrides({"sweep": {}}))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
+        {"CPU": cfg.resources.trial_cpus},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(points), num_samples=cfg.num_samples),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=f"{root}/_tune",
+            verbose=2 if verbose else 0,
+            callbacks=None if verbose else [TrialLines()],
+        ),
+    )
+    grid = tuner.fit()
+    return SweepResult(
+        name=cfg.name,
+        storage=root,
+        num_trials=len(grid),
+        num_errors=len(grid.errors),
+        summary=results.summary(root, sweep=cfg.name),
+    )
+
+
+def run(
+    config: str | Path | ExperimentConfig,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+) -> SweepResult:
+    """Run one trial: the config with its sweep axes removed (``orderlab run``)."""
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    return sweep(cfg.with_overrides({"sweep": {}}), address=address, verbose=verbose)
+
+
+class _CallableModule(type(sys)):
+    """Lets ``orderlab.sweep(...)`` (the public contract) call ``sweep`` while staying a module."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,359 @@
+"""The per-worker training loop run by ``ray.train.torch.TorchTrainer``.
+
+Each epoch reads top to bottom: fetch the order from the order server, run the steps (gradients
+per unit, one all-reduce of the mean gradient, optimizer and LR schedule, batched fire-and-forget
+messages to the server), flush, evaluate, and (rank 0) write the epoch row and a checkpoint.
+Nothing on the training step waits for the server except the bounded in-flight window; only the
+next epoch's order does.
+
+Shards: the task's training examples are cut into units (1 example, or ``microbatch_size``
+consecutive examples for ``unit: microbatch``); worker w owns units [w*n, (w+1)*n) with
+n = shard_size; the tail that does not fill W equal shards of whole steps is dropped and reported.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orderlab import results
+from orderlab.config import ExperimentConfig, TrainConfig
+from orderlab.errors import OrderlabError
+from orderlab.grads import assign_flat_gradient, check_vmappable, microbatch_gradient, per_example_gradients
+from orderlab.orderings._balance import PairStream
+from orderlab.seeding import MODEL, seed_for
+from orderlab.server import OrderMessage
+from orderlab.tasks import Task, TaskData, make_task, resolve_data_dir
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Sizes derived from the config and the task (all counts, no units of time).
+
+    Attributes:
+        num_workers: W. unit_size: examples per unit. units_per_step: k, units a worker visits per step.
+        shard_size: n, units per worker. steps_per_epoch: n / k. num_dropped: tail examples left out.
+        dim: d, gradient length. needs_gradients / message_kind: what the ordering consumes.
+    """
+
+    num_workers: int
+    unit_size: int
+    units_per_step: int
+    shard_size: int
+    steps_per_epoch: int
+    num_dropped: int
+    dim: int
+    needs_gradients: bool
+    message_kind: str
+
+
+def plan_trial(train: TrainConfig, num_examples: int, dim: int, needs_gradients: bool, message_kind: str) -> TrialPlan:
+    """Equal shards of whole steps for ``num_examples`` training examples.
+
+    Raises:
+        OrderlabError: fewer examples than one step of every worker needs.
+    """
+    example_units = train.unit == "example"
+    unit_size = 1 if example_units else train.microbatch_size
+    units_per_step = train.microbatch_size if example_units else 1
+    num_units = num_examples // unit_size
+    steps_per_epoch = num_units // (train.num_workers * units_per_step)
+    if steps_per_epoch == 0:
+        raise OrderlabError(
+            f"the task has {num_examples} training examples, fewer than train.num_workers × microbatch size = "
+            f"{train.num_workers} × {train.microbatch_size}; lower train.batch_size or train.num_workers"
+        )
+    shard_size = steps_per_epoch * units_per_step
+    return TrialPlan(
+        num_workers=train.num_workers,
+        unit_size=unit_size,
+        units_per_step=units_per_step,
+        shard_size=shard_size,
+        steps_per_epoch=steps_per_epoch,
+        num_dropped=num_examples - train.num_workers * shard_size * unit_size,
+        dim=dim,
+        needs_gradients=needs_gradients,
+        message_kind=message_kind,
+    )
+
+
+def build_model(task: Task, seed: int) -> nn.Module:
+    """The task's model, initialised identically on every worker from ``seed_for(seed, 0, 0, MODEL)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_for(seed, 0, 0, MODEL))
+        return task.make_model()
+
+
+def make_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """torch's SGD (with momentum), Adam or AdamW at ``train.effective_lr``."""
+    params, lr = model.parameters(), train.effective_lr
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    optimizer_class = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_class(params, lr=lr, betas=train.betas, weight_decay=train.weight_decay)
+
+
+def make_lr_scheduler(
+    train: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A torch LR scheduler stepped once per optimizer step; epoch-based settings become step counts."""
+    schedule, sched = train.lr_schedule, torch.optim.lr_scheduler
+    total_steps = train.epochs * steps_per_epoch
+    end_factor = schedule.min_lr / train.effective_lr
+    if schedule.name == "constant":
+        return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if schedule.name == "step":
+        return sched.StepLR(optimizer, step_size=schedule.step_size * steps_per_epoch, gamma=schedule.gamma)
+    if schedule.name == "multistep":
+        milestones = [m * steps_per_epoch for m in schedule.milestones]
+        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=schedule.gamma)
+    if schedule.name == "linear":
+        return sched.LinearLR(optimizer, start_factor=1.0, end_factor=end_factor, total_iters=total_steps)
+    warmup_steps = schedule.warmup_epochs * steps_per_epoch if schedule.name == "warmup-cosine" else 0
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=schedule.min_lr)
+    if warmup_steps == 0:
+        return cosine
+    warmup = sched.LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+class Shard:
+    """Worker ``rank``'s units as example index rows, and its slice of the validation set.
+
+    Attributes:
+        unit_examples: LongTensor [shard_size, unit_size], the examples of each local unit.
+    """
+
+    def __init__(self, data: TaskData, plan: TrialPlan, rank: int, device: torch.device) -> None:
+        first = rank * plan.shard_size * plan.unit_size
+        examples = torch.arange(first, first + plan.shard_size * plan.unit_size)
+        self.unit_examples = examples.view(plan.shard_size, plan.unit_size)
+        self.inputs = data.train_inputs[examples].to(device)
+        self.targets = data.train_targets[examples].to(device)
+        self.first = first
+        self.val_inputs = data.val_inputs[rank :: plan.num_workers].to(device)
+        self.val_targets = data.val_targets[rank :: plan.num_workers].to(device)
+
+    def batch(self, units: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of ``units`` (local unit indices), in that order."""
+        rows = (self.unit_examples[torch.from_numpy(units)].reshape(-1) - self.first).to(self.inputs.device)
+        return self.inputs[rows], self.targets[rows]
+
+
+class ServerMessenger:
+    """Batches a worker's reductions into keyed messages with a bounded number in flight."""
+
+    def __init__(self, server: Any, rank: int, message_kind: str, message_steps: int, max_in_flight: int) -> None:
+        self.server, self.rank, self.message_kind = server, rank, message_kind
+        self.message_steps, self.max_in_flight = message_steps, max_in_flight
+        self.in_flight: deque = deque()
+        self.pairs = PairStream()
+        self.begin_epoch(0)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch, self.items_sent, self.bytes_sent, self.wait_seconds = epoch, 0, 0, 0.0
+        self.buffer: list[np.ndarray] = []
+        self.steps_buffered = 0
+        self.pairs.reset()  # odd shard size: the last unit pairs with nothing
+
+    def add(self, unit_grads: torch.Tensor) -> None:
+        """Queue one step's unit gradients [k, d]; send when ``message_steps`` steps are queued."""
+        items = self.pairs.push(unit_grads.unsqueeze(0))[0] if self.message_kind == "pair_differences" else unit_grads
+        if len(items):
+            self.buffer.append(items.detach().cpu().numpy())
+        self.steps_buffered += 1
+        if self.steps_buffered >= self.message_steps:
+            self._send()
+
+    def flush(self) -> None:
+        """Send what is queued and wait until the server has applied all of this worker's messages."""
+        self._send()
+        started = time.perf_counter()
+        ray.get(list(self.in_flight))
+        self.in_flight.clear()
+        self.wait_seconds += time.perf_counter() - started
+
+    def _send(self) -> None:
+        self.steps_buffered = 0
+        if not self.buffer:
+            return
+        items = np.concatenate(self.buffer)
+        self.buffer = []
+        self.in_flight.append(self.server.push.remote([OrderMessage(self.epoch, self.items_sent, self.rank, items)]))
+        self.items_sent += len(items)
+        self.bytes_sent += items.nbytes
+        if len(self.in_flight) > self.max_in_flight:
+            started = time.perf_counter()
+            ray.get(self.in_flight.popleft())
+            self.wait_seconds += time.perf_counter() - started
+
+
+def fetch_order(server: Any, epoch: int, rank: int) -> tuple[np.ndarray, float]:
+    """This worker's order for ``epoch`` (int64 [shard_size]) and the seconds spent waiting for it."""
+    started = time.perf_counter()
+    order = ray.get(server.begin_epoch.remote(epoch, rank))
+    return order, time.perf_counter() - started
+
+
+@dataclass
+class EpochTimes:
+    """Seconds spent in one epoch, by part (rank 0's clock)."""
+
+    epoch_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    allreduce_seconds: float = 0.0
+    order_wait_seconds: float = 0.0
+
+
+class WorkerLoop:
+    """One worker's state for a trial: task, shard, model, optimizer, schedule, messenger."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        self.cfg = ExperimentConfig.model_validate(loop_config["config"])
+        self.plan = TrialPlan(**loop_config["plan"])
+        self.server = loop_config["server"]
+        self.trial_id: str = loop_config["trial_id"]
+        self.results_root: str = loop_config["results_root"]
+        self.rank = ray.train.get_context().get_world_rank()
+        torch.set_num_threads(self.cfg.resources.num_threads)
+        self.device = ray.train.torch.get_device()
+        self.task = make_task(self.cfg.task.name, self.cfg.task.options)
+        self.shard = Shard(self.task.load(resolve_data_dir(self.cfg.task.data_dir)), self.plan, self.rank, self.device)
+        self.model = build_model(self.task, self.cfg.seed).to(self.device)
+        self.per_example = self.plan.needs_gradients and self.cfg.train.unit == "example"
+        if self.per_example:
+            check_vmappable(self.model)
+        self.optimizer = make_optimizer(self.cfg.train, self.model)
+        self.scheduler = make_lr_scheduler(self.cfg.train, self.optimizer, self.plan.steps_per_epoch)
+        ordering = self.cfg.ordering
+        self.messenger = ServerMessenger(
+            self.server, self.rank, self.plan.message_kind, ordering.message_steps, ordering.max_in_flight
+        )
+
+    def run(self) -> None:
+        for epoch in range(self.restore_checkpoint(), self.cfg.train.epochs):
+            order, wait_seconds = fetch_order(self.server, epoch, self.rank)
+            times = self.run_epoch(epoch, order)
+            times.order_wait_seconds += wait_seconds
+            times.epoch_seconds += wait_seconds
+            self.finish_epoch(epoch, times)
+
+    def run_epoch(self, epoch: int, order: np.ndarray) -> EpochTimes:
+        """All steps of one epoch in ``order`` (local unit indices [shard_size])."""
+        times, started = EpochTimes(), time.perf_counter()
+        self.model.train()
+        self.messenger.begin_epoch(epoch)
+        k = self.plan.units_per_step
+        for step in range(self.plan.steps_per_epoch):
+            step_started = time.perf_counter()
+            inputs, targets = self.shard.batch(order[step * k : (step + 1) * k])
+            unit_grads, step_grad = self.step_gradients(inputs, targets)
+            allreduce_started = time.perf_counter()
+            dist.all_reduce(step_grad)
+            allreduce_seconds = time.perf_counter() - allreduce_started
+            assign_flat_gradient(self.model, step_grad / self.plan.num_workers)
+            self.optimizer.step()
+            self.scheduler.step()
+            if unit_grads is not None:
+                self.messenger.add(unit_grads)
+            times.allreduce_seconds += allreduce_seconds
+            times.compute_seconds += time.perf_counter() - step_started - allreduce_seconds
+        times.compute_seconds -= self.messenger.wait_seconds  # waits on the in-flight bound are not compute
+        self.messenger.flush()
+        times.order_wait_seconds += self.messenger.wait_seconds
+        times.epoch_seconds = time.perf_counter() - started
+        return times
+
+    def step_gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(unit gradients [k, d] for the ordering or None, this worker's mean gradient [d])."""
+        if self.per_example:
+            grads, _ = per_example_gradients(self.model, self.task.loss, inputs, targets)
+            return grads, grads.mean(dim=0)
+        grad, _ = microbatch_gradient(self.model, self.task.loss, inputs, targets)
+        return (grad.unsqueeze(0) if self.plan.needs_gradients else None), grad
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Full-pass train loss at fixed weights over all shards and the validation loss/metric (all-reduced)."""
+        self.model.eval()
+        sums = torch.zeros(6, dtype=torch.float64)
+        for offset in range(0, len(self.shard.targets), 4096):
+            outputs = self.model(self.shard.inputs[offset : offset + 4096])
+            targets = self.shard.targets[offset : offset + 4096]
+            sums[0] += float(self.task.loss(outputs, targets)) * len(targets)
+            sums[1] += len(targets)
+        for offset in range(0, len(self.shard.val_targets), 4096):
+            outputs = self.model(self.shard.val_inputs[offset : offset + 4096])
+            targets = self.shard.val_targets[offset : offset + 4096]
+            sums[2] += float(self.task.loss(outputs, targets)) * len(targets)
+            sums[3] += self.task.metric_sum(outputs, targets)
+            sums[4] += len(targets)
+        sums[5] = self.messenger.bytes_sent
+        dist.all_reduce(sums)
+        return {
+            "train_loss": float(sums[0] / sums[1]),
+            "val_loss": float(sums[2] / sums[4]),
+            "val_metric": float(sums[3] / sums[4]),
+            "bytes_to_server": int(sums[5]),
+        }
+
+    def finish_epoch(self, epoch: int, times: EpochTimes) -> None:
+        """Evaluate, write the epoch row and checkpoint (rank 0), report to Ray Train once."""
+        metrics = self.evaluate()  # an all-reduce: every worker has flushed its messages by now
+        row = {
+            "trial_id": self.trial_id,
+            "sweep": self.cfg.name,
+            "epoch": epoch,
+            **metrics,
+            "val_metric_name": self.task.metric_name,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **asdict(times),
+        }
+        if self.rank != 0:
+            ray.train.report(row, checkpoint=None)
+            return
+        results.write_epoch(self.results_root, row)
+        with tempfile.TemporaryDirectory() as directory:
+            state = {
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "server": ray.get(self.server.snapshot.remote()),
+            }
+            torch.save(state, Path(directory) / CHECKPOINT_FILE)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def restore_checkpoint(self) -> int:
+        """Load the latest registered checkpoint, if any; return the first epoch still to run."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.rank == 0:
+            ray.get(self.server.restore.remote(state["server"]))
+        dist.barrier()
+        return int(state["epoch"]) + 1
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop_config`` holds config (dict), plan (dict), server, trial_id, results_root."""
+    WorkerLoop(loop_config).run()

@@ -1,0 +1,265 @@
+"""Unit tests for orderlab.results: Parquet writer, DuckDB views, loaders, summary."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from orderlab import results
+from orderlab.errors import OrderlabError
+
+# duckdb's .df() on TIMESTAMPTZ columns calls DataFrame.drop(inplace=True), deprecated in pandas 3.1.
+pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.drop")
+
+GROUP = {
+    "task": "mnist1d",
+    "unit": "example",
+    "num_workers": 2,
+    "batch_size": 16,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "lr_schedule": "constant",
+    "momentum": None,  # NULL group columns must still match each other
+    "weight_decay": 0.0,
+}
+
+# Summary fixture, in binary fractions so the ties below are exact.
+# (ordering, seed) -> per-epoch train_loss, final val accuracy, epoch_seconds, order_wait_seconds
+CURVES = {
+    ("rr", 0): ([1.0, 0.75, 0.5], 0.5, 2.0, [0.0, 0.0, 0.0]),
+    ("rr", 1): ([1.5, 1.0, 0.75], 0.75, 4.0, [0.0, 0.0, 0.0]),
+    ("cd-grab", 0): ([1.0, 0.5, 0.25], 0.75, 3.0, [0.25, 0.5, 0.75]),
+    ("cd-grab", 1): ([1.0, 0.75, 0.75], 1.0, 5.0, [0.75, 0.5, 0.25]),
+}
+# By hand: rr curve [1.25, 0.875, 0.625], final mean 0.625, std sqrt(2 * 0.125**2 / 1) = 0.1767767;
+# cd-grab curve [1.0, 0.625, 0.5], final mean 0.5, std sqrt(2 * 0.25**2 / 1) = 0.3535534.
+# Baseline rr (target 0.625): rr reaches at epoch 3 (tie), cd-grab at epoch 2 (tie 0.625).
+# Baseline cd-grab (target 0.5): cd-grab at epoch 3 (tie), rr never (NaN).
+
+
+def trial_row(trial_id: str, sweep: str = "s", **overrides: object) -> dict:
+    return {"trial_id": trial_id, "sweep": sweep, **GROUP, "status": "completed", **overrides}
+
+
+def write_fixture(root: str) -> None:
+    for (ordering, seed), (losses, accuracy, epoch_seconds, waits) in CURVES.items():
+        trial_id = f"{ordering}-{seed}"
+        results.write_trial(root, trial_row(trial_id, ordering=ordering, seed=seed, epochs=3))
+        for epoch in reversed(range(3)):  # write order must not matter
+            results.write_epoch(
+                root,
+                {
+                    "trial_id": trial_id,
+                    "sweep": "s",
+                    "epoch": epoch,
+                    "train_loss": losses[epoch],
+                    "val_metric": accuracy if epoch == 2 else 0.0,
+                    "val_metric_name": "accuracy",
+                    "epoch_seconds": epoch_seconds,
+                    "order_wait_seconds": waits[epoch],
+                },
+            )
+    # A failed trial in the same group, with losses that would change every number if counted.
+    results.write_trial(root, trial_row("rr-err", ordering="rr", seed=2, status="error", error="boom"))
+    results.write_epoch(root, {"trial_id": "rr-err", "sweep": "s", "epoch": 0, "train_loss": 0.0})
+    # A one-seed group (other lr) in another sweep.
+    results.write_trial(root, trial_row("solo", sweep="t", ordering="rr", seed=0, lr=0.05))
+    for epoch, loss in enumerate([2.0, 1.0]):
+        results.write_epoch(root, {"trial_id": "solo", "sweep": "t", "epoch": epoch, "train_loss": loss})
+
+
+def test_round_trip_write_connect_sql(tmp_path: Path) -> None:
+    root = str(tmp_path / "res")
+    started = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    path = results.write_trial(root, trial_row("a", ordering="rr", seed=3, started_at=started, num_dropped=7))
+    assert path == str(tmp_path / "res" / "trials" / "s" / "a.parquet")
+    path = results.write_epoch(
+        root, {"trial_id": "a", "sweep": "s", "epoch": 4, "train_loss": 0.5, "herding": 1.5}
+    )
+    assert path == str(tmp_path / "res" / "epochs" / "s" / "a" / "epoch-00004.parquet")
+
+    con = results.connect(root)
+    row = con.sql("SELECT trial_id, ordering, seed, num_dropped, error FROM trials").fetchall()
+    assert row == [("a", "rr", 3, 7, None)]
+    assert con.sql("SELECT epoch_us(started_at) AS us FROM trials").fetchall() == [
+        (started.timestamp() * 1e6,)
+    ]
+    assert con.sql("SELECT epoch, train_loss, herding, val_loss FROM epochs").fetchall() == [
+        (4, 0.5, 1.5, None)
+    ]
+    assert con.sql("SELECT column_name FROM (DESCRIBE trials)").df()["column_name"].tolist() == (
+        results.TRIALS_SCHEMA.names
+    )
+
+
+def test_retry_overwrites_one_row_per_trial_and_epoch(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    for attempt in range(3):
+        results.write_trial(root, trial_row("a", status="running" if attempt < 2 else "completed"))
+        for epoch in range(2):
+            results.write_epoch(
+                root, {"trial_id": "a", "sweep": "s", "epoch": epoch, "train_loss": float(attempt)}
+            )
+    df = results.epochs(root)
+    assert df[["epoch", "train_loss"]].values.tolist() == [[0, 2.0], [1, 2.0]]
+    assert results.trials(root)["status"].tolist() == ["completed"]
+    assert sorted(p.name for p in (tmp_path / "epochs" / "s" / "a").iterdir()) == [
+        "epoch-00000.parquet",
+        "epoch-00001.parquet",
+    ]
+
+
+def test_orphan_temp_file_is_ignored(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    results.write_epoch(root, {"trial_id": "a", "sweep": "s", "epoch": 0, "train_loss": 1.0})
+    orphan = tmp_path / "epochs" / "s" / "a" / ".epoch-00001.parquet.0123abcd.tmp"
+    orphan.write_bytes(b"PAR1 half a file")
+    (tmp_path / "trials" / "s").mkdir(parents=True)
+    (tmp_path / "trials" / "s" / ".b.parquet.0123abcd.tmp").write_bytes(b"")
+    assert len(results.epochs(root)) == 1
+    assert len(results.trials(root)) == 0
+
+
+def test_missing_required_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(OrderlabError, match="'sweep'"):
+        results.write_trial(str(tmp_path), {"trial_id": "a"})
+    with pytest.raises(OrderlabError, match="'epoch'"):
+        results.write_epoch(str(tmp_path), {"trial_id": "a", "sweep": "s", "train_loss": 1.0})
+    with pytest.raises(OrderlabError, match="'trial_id'"):
+        results.write_epoch(str(tmp_path), {"trial_id": None, "sweep": "s", "epoch": 0})
+
+
+def test_unknown_key_is_named_with_known_columns(tmp_path: Path) -> None:
+    with pytest.raises(
+        OrderlabError, match=r"unknown column\(s\) loss, trainloss; known: trial_id, sweep, epoch"
+    ):
+        results.write_epoch(
+            str(tmp_path), {"trial_id": "a", "sweep": "s", "epoch": 0, "trainloss": 1, "loss": 2}
+        )
+
+
+def test_bad_values_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(OrderlabError, match="num_workers='four' does not fit int32"):
+        results.write_trial(str(tmp_path), trial_row("a", num_workers="four"))
+    with pytest.raises(OrderlabError, match="status='done' is unknown; known: running, completed"):
+        results.write_trial(str(tmp_path), trial_row("a", status="done"))
+    with pytest.raises(OrderlabError, match="trial_id='../x'"):
+        results.write_trial(str(tmp_path), trial_row("../x"))
+    assert not (tmp_path / "trials").exists()
+
+
+def test_empty_root_gives_empty_views_with_columns(tmp_path: Path) -> None:
+    for root in (tmp_path, tmp_path / "not-yet-created"):
+        con = results.connect(str(root))
+        for name, schema in results.TABLES.items():
+            df = con.sql(f"SELECT * FROM {name}").df()
+            assert len(df) == 0
+            assert list(df.columns) == schema.names
+        assert results.summary(str(root)).empty
+        assert results.format_summary(results.summary(str(root))) == "no completed trials"
+
+
+def test_filters_equality_lists_and_unknown_column(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    assert results.trials(root, ordering="cd-grab")["trial_id"].tolist() == ["cd-grab-0", "cd-grab-1"]
+    assert results.trials(root, ordering=["rr"], seed=(0, 2))["trial_id"].tolist() == [
+        "rr-0",
+        "rr-err",
+        "solo",
+    ]
+    assert results.trials(root, ordering=[]).empty
+    assert results.trials(root, sweep="t")["trial_id"].tolist() == ["solo"]
+    assert results.trials(root, momentum=None, lr=0.05)["trial_id"].tolist() == ["solo"]
+    df = results.epochs(root, trial_id=["rr-1", "cd-grab-0"])
+    assert list(zip(df["trial_id"], df["epoch"], strict=True)) == [("cd-grab-0", e) for e in range(3)] + [
+        ("rr-1", e) for e in range(3)
+    ]
+    # A value is bound as a parameter, never spliced into SQL.
+    assert results.trials(root, ordering="rr' OR '1'='1").empty
+    with pytest.raises(OrderlabError, match="unknown trials filter column.*orderin; known: trial_id"):
+        results.trials(root, orderin="rr")
+    with pytest.raises(OrderlabError, match="unknown epochs filter column.*ordering"):
+        results.epochs(root, ordering="rr")
+    with pytest.raises(OrderlabError, match="filters"):
+        results.trials(root, seed="zero")
+
+
+def test_summary_against_hand_computed_fixture(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    df = results.summary(root, sweep="s")
+    assert df["ordering"].tolist() == ["cd-grab", "rr"]  # sorted by final_train_loss_mean
+    cd, rr = (df.iloc[i] for i in range(2))
+    assert (cd["num_seeds"], rr["num_seeds"]) == (2, 2)
+    assert cd["final_train_loss_mean"] == 0.5 and rr["final_train_loss_mean"] == 0.625
+    assert cd["final_train_loss_std"] == pytest.approx(math.sqrt(0.125))
+    assert rr["final_train_loss_std"] == pytest.approx(math.sqrt(0.03125))
+    assert cd["val_metric_mean"] == 0.875 and rr["val_metric_mean"] == 0.625
+    assert cd["val_metric_name"] == "accuracy"
+    assert (cd["epochs_to_baseline"], rr["epochs_to_baseline"]) == (2, 3)  # both reached on a tie
+    assert (cd["epoch_seconds_mean"], rr["epoch_seconds_mean"]) == (4.0, 3.0)
+    assert cd["order_wait_seconds_mean"] == pytest.approx(0.5) and rr["order_wait_seconds_mean"] == 0.0
+    assert rr["sweep"] == "s" and rr["lr"] == 0.1 and math.isnan(rr["momentum"])
+
+    by_cd = results.summary(root, baseline="cd-grab", sweep="s").set_index("ordering")
+    assert by_cd.loc["cd-grab", "epochs_to_baseline"] == 3
+    assert math.isnan(by_cd.loc["rr", "epochs_to_baseline"])  # 0.625 never gets to 0.5
+    assert results.summary(root, baseline="so", sweep="s")["epochs_to_baseline"].isna().all()
+
+
+def test_summary_one_seed_group_and_format(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    df = results.summary(root)
+    assert df["sweep"].tolist() == ["s", "s", "t"]
+    solo = df.iloc[2]
+    assert solo["num_seeds"] == 1 and solo["final_train_loss_mean"] == 1.0
+    assert math.isnan(solo["final_train_loss_std"])
+    assert solo["epochs_to_baseline"] == 2
+
+    text = results.format_summary(df)
+    assert "sweep=s lr=0.1" in text and "sweep=t lr=0.05" in text
+    assert "0.5 ± 0.35" in text and "0.875 accuracy" in text
+    single = results.format_summary(results.summary(root, sweep="s"))
+    assert "sweep=" not in single
+    header = single.splitlines()[0].split()
+    assert header[:2] == ["ordering", "seeds"] and "order-wait" in single
+
+
+def test_file_uri_root(tmp_path: Path) -> None:
+    root = tmp_path.as_uri()
+    assert root.startswith("file://")
+    path = results.write_epoch(root, {"trial_id": "a", "sweep": "s", "epoch": 0, "train_loss": 1.0})
+    assert path == str(tmp_path / "epochs" / "s" / "a" / "epoch-00000.parquet")
+    assert results.epochs(root)["train_loss"].tolist() == [1.0]
+    assert results.epochs(str(tmp_path))["train_loss"].tolist() == [1.0]
+
+
+def test_remote_filesystem_reads_through_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stand-in for s3:// or gs://: any filesystem that is not LocalFileSystem takes the dataset path.
+    remote = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    monkeypatch.setattr(results, "_storage", lambda root: (remote, "bucket/res"))
+    path = results.write_trial("mem://bucket/res", trial_row("a", ordering="rr"))
+    assert path == "mem://bucket/res/trials/s/a.parquet"
+    results.write_epoch("mem://bucket/res", {"trial_id": "a", "sweep": "s", "epoch": 0, "train_loss": 1.0})
+    assert (tmp_path / "bucket" / "res" / "trials" / "s" / "a.parquet").is_file()
+    assert results.trials("mem://bucket/res")["ordering"].tolist() == ["rr"]
+    assert results.summary("mem://bucket/res")["epochs_to_baseline"].tolist() == [1.0]
+
+
+def test_unwritable_or_unreadable_root_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    root = str(blocker / "results")
+    with pytest.raises(
+        OrderlabError, match="cannot write results under .*a-file/results.*writable storage root"
+    ):
+        results.write_trial(root, trial_row("a"))
+    with pytest.raises(OrderlabError, match="a-file' is a file"):
+        results.connect(str(blocker))
+    with pytest.raises(OrderlabError, match="not a usable URI"):
+        results.connect("nosuchscheme://x")
