@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
-
 from orderlab.errors import OrderlabError
+from torch import nn
 
 
 @dataclass

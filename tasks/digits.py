@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from orderlab.seeding import DATA, rng_for
 from orderlab.tasks import TaskData, accuracy_sum, read_gzip_bytes, register_task, verified_file
+from torch import nn
 
 CSV = "sklearn/digits.csv.gz"
 CSV_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
@@ -29,7 +28,9 @@ class DigitsLogReg:
     metric_name = "accuracy"
 
     def load(self, data_dir: Path) -> TaskData:
-        table = np.loadtxt(io.BytesIO(read_gzip_bytes(verified_file(data_dir, CSV, CSV_SHA256, CSV_SOURCE))), delimiter=",")
+        table = np.loadtxt(
+            io.BytesIO(read_gzip_bytes(verified_file(data_dir, CSV, CSV_SHA256, CSV_SOURCE))), delimiter=","
+        )
         inputs = torch.as_tensor(table[:, :64] / 16.0, dtype=torch.float32)
         targets = torch.as_tensor(table[:, 64], dtype=torch.int64)
         permutation = torch.randperm(len(targets), generator=rng_for(0, 0, 0, DATA))

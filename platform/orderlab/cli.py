@@ -35,22 +35,34 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show Ray's and Tune
 def _print_outcome(result) -> None:
     from orderlab import results
 
-    print(f"\nsweep {result.name}: {result.num_trials} trials, {result.num_errors} errors; results in {result.storage}")
+    print(
+        f"\nsweep {result.name}: {result.num_trials} trials, {result.num_errors} errors; results in {result.storage}"
+    )
     print(results.format_summary(result.summary))
-    print(f"\nquery: orderlab results {result.storage} --sql \"SELECT ordering, epoch, avg(train_loss) "
-          "FROM epochs JOIN trials USING (trial_id) GROUP BY ALL ORDER BY ALL\"")
+    print(
+        f'\nquery: orderlab results {result.storage} --sql "SELECT ordering, epoch, avg(train_loss) '
+        'FROM epochs JOIN trials USING (trial_id) GROUP BY ALL ORDER BY ALL"'
+    )
 
 
-@app.command(epilog="Example: orderlab run configs/tiny.yaml --set ordering.name=cd-grab --set train.epochs=3")
-def run(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False) -> None:
+@app.command(
+    epilog="Example: orderlab run configs/tiny.yaml --set ordering.name=cd-grab --set train.epochs=3"
+)
+def run(
+    config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Run one trial of CONFIG (its sweep axes are ignored) and print its summary."""
     from orderlab.sweep import run as run_one
 
     _print_outcome(run_one(config, set_ or [], address=address, verbose=verbose))
 
 
-@app.command(epilog="Example: orderlab sweep configs/demo.yaml --set train.epochs=5 --set 'sweep.seed=[0,1,2]'")
-def sweep(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False) -> None:
+@app.command(
+    epilog="Example: orderlab sweep configs/demo.yaml --set train.epochs=5 --set 'sweep.seed=[0,1,2]'"
+)
+def sweep(
+    config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Run every trial of CONFIG's sweep axes on Ray; print one line per trial, then a table per ordering."""
     from orderlab.sweep import sweep as run_sweep
 
@@ -67,7 +79,9 @@ def results(
     root: Annotated[str, typer.Argument(help="results root (storage) of one or more sweeps")],
     sweep: Annotated[str | None, typer.Option(help="only this sweep")] = None,
     baseline: Annotated[str, typer.Option(help="ordering whose final train loss is the target")] = "rr",
-    sql: Annotated[str | None, typer.Option(help="run this SQL over the views `trials` and `epochs` instead")] = None,
+    sql: Annotated[
+        str | None, typer.Option(help="run this SQL over the views `trials` and `epochs` instead")
+    ] = None,
 ) -> None:
     """Print the summary per ordering (final loss, epochs to the baseline's final loss), or run SQL."""
     import duckdb

@@ -41,6 +41,7 @@ _FREE_KEYS = ("sweep", "task.options")
 _NOT_SWEEPABLE = ("sweep", "num_samples")
 _OPTIONS_PREFIX = "task.options."
 _MAX_ERROR_LINES = 30
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
 class _Loader(yaml.SafeLoader):
@@ -52,7 +53,6 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
 def known_task_names() -> list[str]:
@@ -171,6 +171,9 @@ class TrainConfig(BaseModel):
             )
             raise _field_error("lr_base_batch_size", None, reason)
         schedule = self.lr_schedule
+        if schedule.name in ("linear", "cosine", "warmup-cosine") and schedule.min_lr > self.effective_lr:
+            reason = f"must be <= the learning rate it decays from, {self.effective_lr:g} (train.lr after lr_scaling)"
+            raise _field_error("lr_schedule.min_lr", schedule.min_lr, reason)
         if schedule.name == "warmup-cosine" and schedule.warmup_epochs >= self.epochs:
             reason = f"must be < train.epochs={self.epochs}"
             raise _field_error("lr_schedule.warmup_epochs", schedule.warmup_epochs, reason)
@@ -363,7 +366,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Overrides | None) -> dic
 def _set(data: dict[str, Any], key: str, value: Any) -> None:
     """Set dotted ``key`` in ``data`` (the whole config), checking each part against the schema."""
     parts = key.split(".")
-    node, model = data, ExperimentConfig
+    node: dict[str, Any] = data
+    model: type[BaseModel] = ExperimentConfig
     for depth, part in enumerate(parts):
         dotted, rest = ".".join(parts[: depth + 1]), parts[depth + 1 :]
         field = model.model_fields.get(part)

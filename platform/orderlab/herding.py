@@ -27,7 +27,14 @@ def herding_bound(vectors: torch.Tensor, order: torch.Tensor | None = None, norm
 
     Returns:
         The bound as a Python float (computed in float64).
+
+    Raises:
+        ValueError: ``vectors`` is not 2-D, or ``order`` is not 1-D of length N.
     """
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must have shape [N, d], got {tuple(vectors.shape)}")
+    if order is not None and tuple(order.shape) != (vectors.shape[0],):
+        raise ValueError(f"order must have shape [{vectors.shape[0]}], got {tuple(order.shape)}")
     z = vectors if order is None else vectors[order]
     return _max_prefix_norm(z - vectors.to(torch.float64).mean(dim=0), norm)
 
@@ -42,7 +49,12 @@ def parallel_herding_bound(vectors: torch.Tensor, orders: torch.Tensor, norm: fl
 
     Returns:
         The bound as a Python float; z_mean is the mean over all W*n vectors (float64).
+
+    Raises:
+        ValueError: ``vectors`` is not 3-D or ``orders`` is not [W, n].
     """
+    if vectors.ndim != 3:
+        raise ValueError(f"vectors must have shape [W, n, d], got {tuple(vectors.shape)}")
     num_workers, shard_size, _ = vectors.shape
     if orders.shape != (num_workers, shard_size):
         raise ValueError(f"orders must have shape [{num_workers}, {shard_size}], got {tuple(orders.shape)}")

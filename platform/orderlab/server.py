@@ -98,7 +98,7 @@ class OrderServer:
     async def begin_epoch(self, epoch: int, rank: int) -> np.ndarray:
         """Worker ``rank``'s order for ``epoch``: int64 array [shard_size], once that epoch's orders exist."""
         while epoch not in self.orders:
-            if not self.ordering.needs_gradients and epoch == self.epoch + 1:
+            if self.ordering.items_per_epoch == 0 and epoch == self.epoch + 1:  # nothing to wait for
                 self._advance()
                 continue
             self._changed.clear()
@@ -128,13 +128,18 @@ class OrderServer:
     def _accept(self, message: OrderMessage) -> None:
         if message.epoch != self.epoch:
             # an earlier epoch's replay does nothing; a later epoch cannot exist before these orders
-            assert message.epoch < self.epoch, f"message for epoch {message.epoch} while building {self.epoch + 1}"
+            assert message.epoch < self.epoch, (
+                f"message for epoch {message.epoch} while building {self.epoch + 1}"
+            )
             return
-        end = message.start + len(message.items)
-        if end <= self.cursor or message.start in self.pending[message.rank]:
-            return  # replayed key
-        if message.start < self.cursor:  # partly applied: keep the new tail
-            message = OrderMessage(message.epoch, self.cursor, message.rank, message.items[self.cursor - message.start :])
+        if message.start + len(message.items) <= self.cursor:
+            return  # replayed key, already applied
+        if message.start < self.cursor:  # partly applied: only the tail can still be new
+            message = OrderMessage(
+                message.epoch, self.cursor, message.rank, message.items[self.cursor - message.start :]
+            )
+        if message.start in self.pending[message.rank]:
+            return  # replayed key, still pending
         self.pending[message.rank][message.start] = message.items
         self.bytes_received += message.items.nbytes
 
@@ -164,7 +169,7 @@ class OrderServer:
             items = np.stack([self._take(rank, ready) for rank in range(self.num_workers)])
             self.ordering.observe_items(torch.from_numpy(items))
             self.cursor += ready
-        if self.ordering.needs_gradients and self.cursor == self.ordering.items_per_epoch:
+        if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()
 
     def _advance(self) -> None:

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orderlab import results
-from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate_grid
+from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate, validate_grid
 from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters
 from orderlab.orderings import ordering_class
@@ -90,7 +90,10 @@ def inspect_task(cfg: ExperimentConfig) -> TaskFacts:
 def provenance() -> dict[str, str | None]:
     """Versions and the git commit that the trials table records."""
     commit = subprocess.run(
-        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.strip()
     return {
         "orderlab_version": metadata.version("orderlab"),
@@ -128,18 +131,22 @@ def trial_row(cfg: ExperimentConfig, trial_id: str, shard_size: int, num_dropped
     }
 
 
-def run_trial(point: dict[str, Any], *, base: dict[str, Any], facts: dict[str, TaskFacts], info: dict[str, Any]) -> None:
+def run_trial(
+    point: dict[str, Any], *, base: dict[str, Any], facts: dict[str, TaskFacts], info: dict[str, Any]
+) -> None:
     """The Tune function trainable: one trial = one order server + one ``TorchTrainer.fit()``.
 
     Args:
         point: this trial's dotted overrides (from the param space).
         base: the sweep's config as a dict. facts: ``TaskFacts`` by task key. info: provenance.
     """
-    cfg = ExperimentConfig.model_validate(base).with_overrides(point)
+    cfg = validate(base).with_overrides(point)
     trial_id = tune.get_context().get_trial_id()
     ordering = ordering_class(cfg.ordering.name)
     task_facts = facts[task_key(cfg)]
-    plan = plan_trial(cfg.train, task_facts.num_examples, task_facts.dim, ordering.needs_gradients, ordering.message_kind)
+    plan = plan_trial(
+        cfg.train, task_facts.num_examples, task_facts.dim, ordering.needs_gradients, ordering.message_kind
+    )
     root = results_root(cfg.storage)
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
     results.write_trial(root, row)
@@ -197,7 +204,9 @@ def run_trial(point: dict[str, Any], *, base: dict[str, Any], facts: dict[str, T
 
 def task_key(cfg: ExperimentConfig) -> str:
     """Trials with equal keys share a task's data and model size."""
-    return json.dumps([cfg.task.name, cfg.task.options, cfg.task.data_dir, cfg.seed], sort_keys=True, default=str)
+    return json.dumps(
+        [cfg.task.name, cfg.task.options, cfg.task.data_dir, cfg.seed], sort_keys=True, default=str
+    )
 
 
 class TrialLines(tune.Callback):
@@ -264,7 +273,10 @@ def max_concurrent_trials(configs: list[ExperimentConfig]) -> int:
 
 def grid_search_space(axes: Mapping[str, Any]) -> dict[str, Any]:
     """Plain lists become ``tune.grid_search``; Tune search spaces pass through unchanged."""
-    return {key: tune.grid_search(list(value)) if isinstance(value, list | tuple) else value for key, value in axes.items()}
+    return {
+        key: tune.grid_search(list(value)) if isinstance(value, list | tuple) else value
+        for key, value in axes.items()
+    }
 
 
 def sweep(
@@ -291,7 +303,7 @@ def sweep(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if isinstance(config, ExperimentConfig) and overrides:
-        cfg = cfg.with_overrides(dict(overrides))
+        cfg = cfg.with_overrides(overrides)
     plain_axes = {k: list(v) for k, v in (param_space or {}).items() if isinstance(v, list | tuple)}
     if plain_axes:
         cfg = cfg.with_overrides({f"sweep.{k}": v for k, v in plain_axes.items()})
@@ -303,7 +315,9 @@ def sweep(
         plan_trial(point.train, fact.num_examples, fact.dim, ordering.needs_gradients, ordering.message_kind)
     init_ray(address, verbose)
     root = results_root(cfg.storage)
-    space = grid_search_space({**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}})
+    space = grid_search_space(
+        {**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}}
+    )
     base = config_to_dict(cfg.with_overrides({"sweep": {}}))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
@@ -312,7 +326,9 @@ def sweep(
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(points), num_samples=cfg.num_samples),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent_trials(points), num_samples=cfg.num_samples
+        ),
         run_config=tune.RunConfig(
             name=cfg.name,
             storage_path=f"{root}/_tune",

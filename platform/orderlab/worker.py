@@ -61,7 +61,9 @@ class TrialPlan:
     message_kind: str
 
 
-def plan_trial(train: TrainConfig, num_examples: int, dim: int, needs_gradients: bool, message_kind: str) -> TrialPlan:
+def plan_trial(
+    train: TrainConfig, num_examples: int, dim: int, needs_gradients: bool, message_kind: str
+) -> TrialPlan:
     """Equal shards of whole steps for ``num_examples`` training examples.
 
     Raises:
@@ -127,7 +129,9 @@ def make_lr_scheduler(
     cosine = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=schedule.min_lr)
     if warmup_steps == 0:
         return cosine
-    warmup = sched.LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps)
+    warmup = sched.LinearLR(
+        optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps
+    )
     return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
@@ -157,7 +161,9 @@ class Shard:
 class ServerMessenger:
     """Batches a worker's reductions into keyed messages with a bounded number in flight."""
 
-    def __init__(self, server: Any, rank: int, message_kind: str, message_steps: int, max_in_flight: int) -> None:
+    def __init__(
+        self, server: Any, rank: int, message_kind: str, message_steps: int, max_in_flight: int
+    ) -> None:
         self.server, self.rank, self.message_kind = server, rank, message_kind
         self.message_steps, self.max_in_flight = message_steps, max_in_flight
         self.in_flight: deque = deque()
@@ -172,7 +178,11 @@ class ServerMessenger:
 
     def add(self, unit_grads: torch.Tensor) -> None:
         """Queue one step's unit gradients [k, d]; send when ``message_steps`` steps are queued."""
-        items = self.pairs.push(unit_grads.unsqueeze(0))[0] if self.message_kind == "pair_differences" else unit_grads
+        items = (
+            self.pairs.push(unit_grads.unsqueeze(0))[0]
+            if self.message_kind == "pair_differences"
+            else unit_grads
+        )
         if len(items):
             self.buffer.append(items.detach().cpu().numpy())
         self.steps_buffered += 1
@@ -193,7 +203,9 @@ class ServerMessenger:
             return
         items = np.concatenate(self.buffer)
         self.buffer = []
-        self.in_flight.append(self.server.push.remote([OrderMessage(self.epoch, self.items_sent, self.rank, items)]))
+        self.in_flight.append(
+            self.server.push.remote([OrderMessage(self.epoch, self.items_sent, self.rank, items)])
+        )
         self.items_sent += len(items)
         self.bytes_sent += items.nbytes
         if len(self.in_flight) > self.max_in_flight:
@@ -232,7 +244,9 @@ class WorkerLoop:
         torch.set_num_threads(self.cfg.resources.num_threads)
         self.device = ray.train.torch.get_device()
         self.task = make_task(self.cfg.task.name, self.cfg.task.options)
-        self.shard = Shard(self.task.load(resolve_data_dir(self.cfg.task.data_dir)), self.plan, self.rank, self.device)
+        self.shard = Shard(
+            self.task.load(resolve_data_dir(self.cfg.task.data_dir)), self.plan, self.rank, self.device
+        )
         self.model = build_model(self.task, self.cfg.seed).to(self.device)
         self.per_example = self.plan.needs_gradients and self.cfg.train.unit == "example"
         if self.per_example:
@@ -278,7 +292,9 @@ class WorkerLoop:
         times.epoch_seconds = time.perf_counter() - started
         return times
 
-    def step_gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def step_gradients(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(unit gradients [k, d] for the ordering or None, this worker's mean gradient [d])."""
         if self.per_example:
             grads, _ = per_example_gradients(self.model, self.task.loss, inputs, targets)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from orderlab.orderings import make_ordering
 from orderlab.seeding import BALANCE, rng_for
 
@@ -39,7 +38,11 @@ def test_pair_balance_w1_n4_d1():
     #   pair (1,2): v = 2 - 0 = 2, tie -> ε = -1: next[0] = 2, next[3] = 1, r = -2
     #   pair (3,0): v = 1 - 5 = -4, <r,v> = 8 > 0 -> ε = -1: next[1] = 0, next[2] = 3     -> [2, 0, 3, 1]
     epochs = [[[[1], [0], [3], [1]]], [[[5], [2], [0], [1]]]]
-    assert run_epochs("pair-balance", epochs, num_workers=1) == [[[0, 1, 2, 3]], [[1, 2, 3, 0]], [[2, 0, 3, 1]]]
+    assert run_epochs("pair-balance", epochs, num_workers=1) == [
+        [[0, 1, 2, 3]],
+        [[1, 2, 3, 0]],
+        [[2, 0, 3, 1]],
+    ]
 
 
 def test_pair_balance_w1_n4_d2():

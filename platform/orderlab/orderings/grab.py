@@ -32,7 +32,15 @@ class MeanBalance:
     message_kind = "unit_gradients"
 
     def __init__(
-        self, *, num_workers: int, shard_size: int, dim: int, seed: int, first_epoch: str, balance: str, balance_c: float
+        self,
+        *,
+        num_workers: int,
+        shard_size: int,
+        dim: int,
+        seed: int,
+        first_epoch: str,
+        balance: str,
+        balance_c: float,
     ) -> None:
         self.num_workers = num_workers
         self.shard_size = shard_size
@@ -84,7 +92,9 @@ class MeanBalance:
         _check_items(grads, self.num_workers, self.dim, "grads")
         num_units = grads.shape[1]
         if self.units_done + num_units > self.shard_size:
-            raise ValueError(f"grab: {self.units_done} + {num_units} units exceed the shard's {self.shard_size}")
+            raise ValueError(
+                f"grab: {self.units_done} + {num_units} units exceed the shard's {self.shard_size}"
+            )
         grads = grads.to(torch.float32)
         for j in range(num_units):
             position = self.units_done + j

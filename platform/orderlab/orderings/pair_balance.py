@@ -61,6 +61,7 @@ class PairBalance:
         self._visit: list[list[int]] = []
         self.next = NextOrder(num_workers, shard_size)
         self.pairs_done = 0
+        self.units_seen = 0  # units given to observe(); 0 when the epoch is fed through observe_items
         self.stream = PairStream()
 
     def begin_epoch(self) -> torch.Tensor:
@@ -72,10 +73,10 @@ class PairBalance:
         if self.epoch < 0:
             self.orders = first_epoch_orders(self.num_workers, self.shard_size, self.seed, self.first_epoch)
         else:
-            if self.pairs_done < self.items_per_epoch:
+            if self.pairs_done < self.items_per_epoch or 0 < self.units_seen < self.shard_size:
                 raise RuntimeError(
-                    f"{self.name}: epoch {self.epoch} observed {self.pairs_done} of "
-                    f"{self.items_per_epoch} pairs; every unit must be seen before the next order exists"
+                    f"{self.name}: epoch {self.epoch} observed {self.pairs_done} of {self.items_per_epoch} pairs "
+                    f"({self.units_seen} units); every unit must be seen before the next order exists"
                 )
             self.orders = self.next.as_tensor()
         self.epoch += 1
@@ -83,6 +84,7 @@ class PairBalance:
         self.running_sum.zero_()
         self.next = NextOrder(self.num_workers, self.shard_size)
         self.pairs_done = 0
+        self.units_seen = 0
         self.stream.reset()
         self.sign.begin_epoch(self.epoch)
         self._place_middle_if_done()
@@ -91,9 +93,18 @@ class PairBalance:
     def observe(self, grads: torch.Tensor) -> None:
         """Balance the next k units of every worker. grads: [num_workers, k, dim], visiting order.
 
-        The epoch's last unit of an odd-sized shard pairs with nothing and is ignored.
+        The epoch's last unit of an odd-sized shard pairs with nothing: it must be observed, but
+        only takes the middle slot.
+
+        Raises:
+            ValueError: wrong shape, or more units than the shard has.
         """
         _check_items(grads, self.num_workers, self.dim, "grads")
+        if self.units_seen + grads.shape[1] > self.shard_size:
+            raise ValueError(
+                f"{self.name}: {self.units_seen} + {grads.shape[1]} units exceed the shard's {self.shard_size}"
+            )
+        self.units_seen += grads.shape[1]
         diffs = self.stream.push(grads.to(torch.float32))
         self.observe_items(diffs)
 
@@ -140,6 +151,7 @@ class PairBalance:
             "running_sum": self.running_sum.clone(),
             "next": self.next.state_dict(),
             "pairs_done": self.pairs_done,
+            "units_seen": self.units_seen,
             "pending": None if self.stream.pending is None else self.stream.pending.clone(),
             "sign": self.sign.state_dict(),
         }
@@ -151,13 +163,16 @@ class PairBalance:
         self.running_sum = state["running_sum"].clone()
         self.next.load_state_dict(state["next"])
         self.pairs_done = int(state["pairs_done"])
+        self.units_seen = int(state["units_seen"])
         self.stream.pending = None if state["pending"] is None else state["pending"].clone()
         self.sign.load_state_dict(state["sign"])
 
 
 def _check_items(items: torch.Tensor, num_workers: int, dim: int, what: str) -> None:
     if items.ndim != 3 or items.shape[0] != num_workers or items.shape[2] != dim:
-        raise ValueError(f"{what} must have shape [num_workers={num_workers}, k, dim={dim}], got {tuple(items.shape)}")
+        raise ValueError(
+            f"{what} must have shape [num_workers={num_workers}, k, dim={dim}], got {tuple(items.shape)}"
+        )
 
 
 @register_ordering("cd-grab")

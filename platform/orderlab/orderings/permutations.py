@@ -57,7 +57,9 @@ class PermutationOrdering:
         self.orders = state["orders"].clone()
 
     def _fresh_permutations(self, epoch: int) -> torch.Tensor:
-        return torch.stack([random_permutation(self.shard_size, self.seed, w, epoch) for w in range(self.num_workers)])
+        return torch.stack(
+            [random_permutation(self.shard_size, self.seed, w, epoch) for w in range(self.num_workers)]
+        )
 
 
 @register_ordering("rr")
@@ -99,7 +101,9 @@ class WithReplacement(PermutationOrdering):
     def orders_for_epoch(self, epoch: int) -> torch.Tensor:
         return torch.stack(
             [
-                torch.randint(self.shard_size, (self.shard_size,), generator=rng_for(self.seed, w, epoch, ORDER))
+                torch.randint(
+                    self.shard_size, (self.shard_size,), generator=rng_for(self.seed, w, epoch, ORDER)
+                )
                 for w in range(self.num_workers)
             ]
         )
