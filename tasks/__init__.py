@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from orderlab.errors import OrderlabError
 from torch import nn
+
+from orderlab.errors import OrderlabError
 
 
 @dataclass

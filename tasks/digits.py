@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from orderlab.seeding import DATA, rng_for
 from orderlab.tasks import TaskData, accuracy_sum, read_gzip_bytes, register_task, verified_file
-from torch import nn
 
 CSV = "sklearn/digits.csv.gz"
 CSV_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"

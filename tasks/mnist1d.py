@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from orderlab.tasks import TaskData, accuracy_sum, register_task, verified_file
 from torch import nn
+
+from orderlab.tasks import TaskData, accuracy_sum, register_task, verified_file
 
 NPZ = "mnist1d/mnist1d_data.npz"
 NPZ_SHA256 = "c33e1c51ad6d7b4548f8019b536e5bf40f0cf805c1b83b2b3045e8a79045408a"

@@ -21,6 +21,7 @@ def data_dir() -> Path:
 def ray_cluster():
     """One embedded local Ray for the whole test run (starting Ray costs ~6 s)."""
     import ray
+
     from orderlab.sweep import init_ray
 
     init_ray(None, verbose=False)

@@ -45,6 +45,8 @@ TRIALS_SCHEMA = pa.schema([
     ("orderlab_version", _STR), ("ray_version", _STR), ("torch_version", _STR), ("python_version", _STR),
     ("git_commit", _STR),
     ("config_json", _STR),  # the whole trial config as JSON
+    ("worker_node_ids", pa.list_(_STR)),  # Ray node id of each rank, in rank order
+    ("server_node_id", _STR),  # Ray node id of the trial's order server
 ])
 
 EPOCHS_SCHEMA = pa.schema([

@@ -105,6 +105,10 @@ class OrderServer:
             await self._changed.wait()
         return self.orders[epoch][rank]
 
+    def node_id(self) -> str:
+        """The Ray node this server runs on (recorded in the trials table)."""
+        return ray.get_runtime_context().get_node_id()
+
     def snapshot(self) -> dict[str, Any]:
         """The server's state at an epoch boundary, for checkpoints (torch tensors and ints)."""
         return {

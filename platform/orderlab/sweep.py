@@ -184,9 +184,10 @@ def run_trial(
             callbacks=[TuneReportCallback()],
         ),
     )
+    row["server_node_id"] = ray.get(server.node_id.remote())
     error: BaseException | None = None
     try:
-        trainer.fit()
+        row.update(trainer.fit().return_value or {})
     except Exception as failure:  # recorded in the trials table, then re-raised for Tune
         error = failure
     finally:

@@ -258,13 +258,17 @@ class WorkerLoop:
             self.server, self.rank, self.plan.message_kind, ordering.message_steps, ordering.max_in_flight
         )
 
-    def run(self) -> None:
+    def run(self) -> dict[str, Any]:
+        """Train the remaining epochs; return what the trial records (rank 0's return value reaches it)."""
         for epoch in range(self.restore_checkpoint(), self.cfg.train.epochs):
             order, wait_seconds = fetch_order(self.server, epoch, self.rank)
             times = self.run_epoch(epoch, order)
             times.order_wait_seconds += wait_seconds
             times.epoch_seconds += wait_seconds
             self.finish_epoch(epoch, times)
+        node_ids: list[Any] = [None] * self.plan.num_workers
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+        return {"worker_node_ids": node_ids}
 
     def run_epoch(self, epoch: int, order: np.ndarray) -> EpochTimes:
         """All steps of one epoch in ``order`` (local unit indices [shard_size])."""
@@ -370,6 +374,6 @@ class WorkerLoop:
         return int(state["epoch"]) + 1
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point: ``loop_config`` holds config (dict), plan (dict), server, trial_id, results_root."""
-    WorkerLoop(loop_config).run()
+    return WorkerLoop(loop_config).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from orderlab.orderings import make_ordering
 from orderlab.seeding import BALANCE, rng_for
 

@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orderlab
 import pytest
-from orderlab import results
 from ray import tune
+
+import orderlab
+from orderlab import results
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,9 @@ def test_sweep_writes_one_row_per_trial_and_epoch(two_trial_sweep):
     # digits: 1437 train examples, 2 workers × 8 per step -> 89 steps × 8 = 712 per shard, 13 dropped
     assert trials["shard_size"].tolist() == [712, 712]
     assert trials["num_dropped"].tolist() == [13, 13]
+    nodes = con.sql("SELECT worker_node_ids, server_node_id FROM trials").df()
+    for worker_node_ids, server_node_id in zip(nodes["worker_node_ids"], nodes["server_node_id"], strict=True):
+        assert len(worker_node_ids) == 2 and all(worker_node_ids) and server_node_id
     counts = con.sql(
         "SELECT trial_id, count(*) AS n, count(DISTINCT epoch) AS d FROM epochs GROUP BY ALL"
     ).df()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from orderlab.cli import main
 
 CLI = [sys.executable, "-m", "orderlab"]

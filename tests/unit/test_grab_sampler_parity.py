@@ -22,6 +22,7 @@ import types
 import numpy as np
 import pytest
 import torch
+
 from orderlab.orderings import make_ordering
 
 _stub_torch_sparse = (

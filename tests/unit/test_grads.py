@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from orderlab.errors import OrderlabError
 from orderlab.grads import (
     assign_flat_gradient,
@@ -13,7 +15,6 @@ from orderlab.grads import (
     num_parameters,
     per_example_gradients,
 )
-from torch import nn
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 

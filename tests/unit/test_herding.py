@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from orderlab.herding import herding_bound, parallel_herding_bound
 
 NORMS = [math.inf, 2]

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from orderlab.errors import OrderlabError
 from orderlab.herding import herding_bound, parallel_herding_bound
 from orderlab.orderings import ORDERINGS, make_ordering

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+
 from orderlab import results
 from orderlab.errors import OrderlabError
 

@@ -15,6 +15,7 @@ import io
 import numpy as np
 import pytest
 import torch
+
 from orderlab.orderings import make_ordering
 from orderlab.server import OrderMessage, OrderServer
 

@@ -11,12 +11,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
+from torch import nn
+
 from orderlab.config import LRScheduleConfig, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.tasks import TaskData, make_task
 from orderlab.worker import Shard, build_model, make_lr_scheduler, make_optimizer, plan_trial
-from pydantic import ValidationError
-from torch import nn
 
 CPU = torch.device("cpu")
 
