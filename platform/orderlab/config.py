@@ -228,6 +228,8 @@ class ResourcesConfig(BaseModel):
     trial_cpus: Float = Field(0.1, gt=0)
     max_concurrent_trials: Int | None = Field(None, ge=1)  # None: computed from the cluster
     num_threads: Int = Field(1, ge=1)  # torch threads per worker
+    # Ray placement of a trial's workers: PACK fills a node first, SPREAD spreads them over nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class ExperimentConfig(BaseModel):

@@ -175,6 +175,7 @@ def run_trial(
             num_workers=plan.num_workers,
             use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+            placement_strategy=resources.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
