@@ -61,12 +61,19 @@ def run(
     epilog="Example: orderlab sweep configs/demo.yaml --set train.epochs=5 --set 'sweep.seed=[0,1,2]'"
 )
 def sweep(
-    config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False
+    config: ConfigArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="finish an interrupted sweep (same storage): finished trials are kept"),
+    ] = False,
 ) -> None:
     """Run every trial of CONFIG's sweep axes on Ray; print one line per trial, then a table per ordering."""
     from orderlab.sweep import sweep as run_sweep
 
-    result = run_sweep(config, set_ or [], address=address, verbose=verbose)
+    result = run_sweep(config, set_ or [], address=address, verbose=verbose, resume=resume)
     _print_outcome(result)
     if result.num_errors:
         raise typer.Exit(1)
@@ -95,6 +102,58 @@ def results(
             raise OrderlabError(f"--sql failed: {error}") from error
         return
     print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep)))
+
+
+@app.command(epilog="Example: orderlab report results/tiny --sweep tiny --baseline rr --out report/")
+def report(
+    root: Annotated[str, typer.Argument(help="results root (storage) of one or more sweeps")],
+    sweep: Annotated[str | None, typer.Option(help="only this sweep")] = None,
+    baseline: Annotated[str, typer.Option(help="ordering whose final train loss is the target")] = "rr",
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default: ROOT/reports/SWEEP, or 'all')")
+    ] = None,
+) -> None:
+    """Write report.html (figures embedded) and the figures as PNG: loss curves, herding, time per epoch."""
+    from orderlab.report import report as write_report
+
+    path = write_report(root, sweep=sweep, baseline=baseline, out=out)
+    print(f"wrote {path} and its figures (*.png) in {path.parent}")
+
+
+@app.command(
+    epilog="Example: orderlab submit configs/tiny.yaml --address http://127.0.0.1:8265 --set train.epochs=3"
+)
+def submit(
+    config: Annotated[Path | None, typer.Argument(help="experiment YAML to run as a Ray Job")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="the head's Jobs API, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS)"),
+    ] = None,
+    set_: SetOpt = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="stream the job's logs until it ends")
+    ] = True,
+    status: Annotated[str | None, typer.Option(metavar="JOB", help="print JOB's state")] = None,
+    logs: Annotated[str | None, typer.Option(metavar="JOB", help="print JOB's logs so far")] = None,
+    stop: Annotated[str | None, typer.Option(metavar="JOB", help="stop JOB")] = None,
+) -> None:
+    """Run CONFIG's sweep on a Ray cluster as a Ray Job (exit 0 iff it SUCCEEDED), or --status/--logs/--stop JOB."""
+    from orderlab import submit as jobs
+
+    given = [job for job in (status, logs, stop) if job is not None]
+    if len(given) + (config is not None) != 1:
+        raise OrderlabError("give CONFIG to submit a sweep, or exactly one of --status/--logs/--stop JOB")
+    if status is not None:
+        print(jobs.job_status(address, status))
+    elif logs is not None:
+        print(jobs.job_logs(address, logs), end="")
+    elif stop is not None:
+        stopped = jobs.stop_job(address, stop)
+        print(f"job {stop}: {'stop requested' if stopped else 'had already ended'}")
+    else:
+        outcome = jobs.submit(config, set_ or [], address=address, wait=wait)
+        if outcome.status not in (None, "SUCCEEDED"):
+            raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,6 +232,27 @@ class ResourcesConfig(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+class FaultPoint(BaseModel):
+    """Where a fault fires: before optimizer step ``step`` of ``epoch`` on worker ``rank``."""
+
+    model_config = _MODEL_CONFIG
+    epoch: Int = Field(0, ge=0)
+    step: Int = Field(0, ge=0)
+    rank: Int = Field(0, ge=0)
+
+
+class FaultsConfig(BaseModel):
+    """Test-only fault injection. Each fault fires once per trial (a marker in the trial's storage).
+
+    ``exit_worker``: that worker process exits (``os._exit``). ``kill_order_server``: rank ``rank``
+    kills the trial's order-server actor through Ray.
+    """
+
+    model_config = _MODEL_CONFIG
+    exit_worker: FaultPoint | None = None
+    kill_order_server: FaultPoint | None = None
+
+
 class ExperimentConfig(BaseModel):
     """One experiment: the base trial config plus the sweep axes expanded around it."""
 
@@ -245,6 +266,7 @@ class ExperimentConfig(BaseModel):
     storage: str = Field("results", min_length=1)
     sweep: dict[str, list[Any]] = {}  # dotted key -> values; see expand_grid
     num_samples: Int = Field(1, ge=1)
+    faults: FaultsConfig = FaultsConfig()  # test-only
 
     @field_validator("name")
     @classmethod

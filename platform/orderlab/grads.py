@@ -23,21 +23,31 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def check_vmappable(model: nn.Module) -> None:
-    """Reject models whose per-example gradients ``vmap`` cannot compute.
+def vmap_problem(model: nn.Module) -> str | None:
+    """Why ``vmap`` cannot compute the model's per-example gradients, or None when it can.
 
-    Raises:
-        OrderlabError: the model has BatchNorm with running statistics (its batch statistics mix
-            examples), naming the module and the fixes.
+    BatchNorm with running statistics mixes examples through its batch statistics.
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            raise OrderlabError(
+            return (
                 f"train.unit='example' needs per-example gradients, but module {name!r} "
                 f"({type(module).__name__}) tracks running statistics, which vmap cannot split per example; "
                 "use train.unit='microbatch', or replace it with GroupNorm/LayerNorm "
                 "(or construct it with track_running_stats=False)"
             )
+    return None
+
+
+def check_vmappable(model: nn.Module) -> None:
+    """Reject models whose per-example gradients ``vmap`` cannot compute.
+
+    Raises:
+        OrderlabError: the model has BatchNorm with running statistics, naming the module and the fixes.
+    """
+    problem = vmap_problem(model)
+    if problem is not None:
+        raise OrderlabError(problem)
 
 
 def per_example_gradients(

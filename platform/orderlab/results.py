@@ -15,12 +15,14 @@ import uuid
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orderlab import stats
 from orderlab.errors import OrderlabError
 
 _STR, _I32, _I64, _F64, _UTC_US = (
@@ -40,7 +42,8 @@ TRIALS_SCHEMA = pa.schema([
     ("optimizer", _STR), ("lr", _F64), ("lr_schedule", _STR), ("momentum", _F64), ("weight_decay", _F64),
     ("seed", _I32), ("epochs", _I32), ("shard_size", _I32),
     ("num_dropped", _I64),  # examples dropped from the tail to make equal shards
-    ("status", _STR), ("error", _STR),  # status: one of STATUSES
+    ("status", _STR), ("error", _STR),  # status: one of STATUSES; error: the reason for error/diverged
+    ("diverged_epoch", _I32),  # the epoch in which a non-finite loss or gradient appeared
     ("started_at", _UTC_US), ("finished_at", _UTC_US), ("wall_seconds", _F64),
     ("orderlab_version", _STR), ("ray_version", _STR), ("torch_version", _STR), ("python_version", _STR),
     ("git_commit", _STR),
@@ -57,6 +60,7 @@ EPOCHS_SCHEMA = pa.schema([
     ("epoch_seconds", _F64), ("compute_seconds", _F64), ("allreduce_seconds", _F64),
     ("order_wait_seconds", _F64), ("bytes_to_server", _I64),
     ("herding", _F64),  # parallel herding bound of the epoch, when measured
+    ("order_digest", _STR),  # sha256 of the epoch's orders of all workers: equal digests, equal orders
 ])
 # fmt: on
 
@@ -68,9 +72,12 @@ GROUP_COLUMNS = (
     "sweep", "task", "unit", "num_workers", "batch_size", "optimizer",
     "lr", "lr_schedule", "momentum", "weight_decay",
 )  # fmt: skip
-# A mean curve "reaches" the baseline's final loss at <= target; the relative slack only absorbs
-# float summation-order differences between the two averages (a tie must count as reached).
-_TIE_RTOL = 1e-9
+# summary(): the columns computed in Python (orderlab.stats), in the order they are added.
+_STAT_COLUMNS = (
+    "epochs_to_baseline", "final_train_loss_ci95", "seconds_to_baseline",
+    "speedup", "speedup_ci_low", "speedup_ci_high",
+    "time_speedup", "time_speedup_ci_low", "time_speedup_ci_high",
+)  # fmt: skip
 
 
 def _storage(root: str) -> tuple[pafs.FileSystem, str]:
@@ -291,13 +298,49 @@ def _same_group(left: str, right: str) -> str:
     return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in GROUP_COLUMNS)
 
 
-def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.DataFrame:
-    """Compare orderings over seeds: one row per group (GROUP_COLUMNS) and ordering, completed trials only.
+def _group_key(values: Any) -> tuple[Any, ...]:
+    """A hashable group key with every missing value (None, NaN, NA) as None."""
+    return tuple(None if pd.isna(v) else v for v in values)
 
-    "Final" is each trial's row with the largest epoch. ``epochs_to_baseline`` is the first epoch
-    count (epoch index + 1) at which the ordering's mean-over-seeds train-loss curve is <= the
-    baseline ordering's ``final_train_loss_mean`` in the same group; NaN if never reached or the
-    group has no baseline.
+
+def _runs_by_ordering(curves: pd.DataFrame) -> dict[tuple[tuple[Any, ...], str], stats.Runs]:
+    """Per (group key, ordering): the completed trials' loss and seconds matrices and final losses."""
+    out: dict[tuple[tuple[Any, ...], str], stats.Runs] = {}
+    keys = [*GROUP_COLUMNS, "ordering"]
+    for key, rows in curves.groupby(keys, dropna=False, sort=False):
+        num_epochs = int(rows["epoch"].max()) + 1
+        seeds = {trial: i for i, trial in enumerate(rows["trial_id"].unique())}
+        losses = np.full((len(seeds), num_epochs), np.nan)
+        seconds = np.full((len(seeds), num_epochs), np.nan)
+        seed_index, epoch = rows["trial_id"].map(seeds).to_numpy(), rows["epoch"].to_numpy()
+        losses[seed_index, epoch] = rows["train_loss"].to_numpy(dtype=float, na_value=np.nan)
+        seconds[seed_index, epoch] = rows["epoch_seconds"].to_numpy(dtype=float, na_value=np.nan)
+        last = rows.loc[rows.groupby("trial_id", sort=False)["epoch"].idxmax()]
+        finals = last["train_loss"].to_numpy(dtype=float, na_value=np.nan)[
+            np.argsort(last["trial_id"].map(seeds).to_numpy())
+        ]
+        out[(_group_key(key[:-1]), key[-1])] = stats.Runs(losses, seconds, finals)
+    return out
+
+
+def _completed_epochs_sql() -> str:
+    """SQL of the epoch rows of completed trials, with the trial's group columns and ordering."""
+    return f"""
+        SELECT {", ".join(f"t.{c}" for c in GROUP_COLUMNS)}, t.ordering, e.trial_id, e.epoch, e.train_loss,
+               e.val_metric, e.val_metric_name, e.epoch_seconds, e.order_wait_seconds
+        FROM epochs e JOIN trials t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
+        WHERE t.status = 'completed' AND ($sweep::VARCHAR IS NULL OR t.sweep = $sweep)"""
+
+
+def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.DataFrame:
+    """Compare orderings over seeds: one row per group (GROUP_COLUMNS) and ordering.
+
+    Means are over completed trials; diverged trials (status 'diverged') are only counted, and an
+    ordering whose trials all diverged still gets a row (num_seeds 0). "Final" is each trial's row
+    with the largest epoch. The target is the baseline ordering's ``final_train_loss_mean`` in the
+    same group; an ordering's mean-over-seeds train-loss curve reaches it at the first epoch where
+    it is <= the target (a tie reaches). Everything measured against the target is NaN when the
+    group has no baseline or the curve never reaches it.
 
     Args:
         root: storage root, a local path or an s3://, gs://, file:// URI.
@@ -307,19 +350,22 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
     Returns:
         GROUP_COLUMNS, ordering, num_seeds (completed trials with epoch rows), final_train_loss_mean,
         final_train_loss_std (ddof=1, NaN with one seed), val_metric_mean, val_metric_name,
-        epochs_to_baseline (float), epoch_seconds_mean and order_wait_seconds_mean (over all epochs
-        and seeds); sorted by group, then final_train_loss_mean.
+        epochs_to_baseline (float: epoch index + 1 at which the target is reached),
+        epoch_seconds_mean and order_wait_seconds_mean (over all epochs and seeds); then
+        final_train_loss_ci95 (half-width of the t 95% CI of the final mean; NaN with one seed),
+        seconds_to_baseline (cumulative mean epoch_seconds up to and including that epoch),
+        speedup (the baseline's epochs to its own final mean / epochs_to_baseline),
+        speedup_ci_low, speedup_ci_high, time_speedup (the same with seconds), time_speedup_ci_low,
+        time_speedup_ci_high (bootstrap 95% CIs over seeds, see
+        ``orderlab.stats.speedup_vs_baseline``) and num_diverged; sorted by group, then
+        final_train_loss_mean (orderings without completed trials last).
 
     Raises:
         OrderlabError: the root cannot be read.
     """
     group = ", ".join(GROUP_COLUMNS)
     sql = f"""
-    WITH ep AS (
-        SELECT {", ".join(f"t.{c}" for c in GROUP_COLUMNS)}, t.ordering, e.trial_id, e.epoch, e.train_loss,
-               e.val_metric, e.val_metric_name, e.epoch_seconds, e.order_wait_seconds
-        FROM epochs e JOIN trials t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
-        WHERE t.status = 'completed' AND ($sweep::VARCHAR IS NULL OR t.sweep = $sweep)
+    WITH ep AS ({_completed_epochs_sql()}
     ), final AS (
         SELECT * FROM ep QUALIFY row_number() OVER (PARTITION BY sweep, trial_id ORDER BY epoch DESC) = 1
     ), per_ordering AS (
@@ -331,23 +377,91 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
         SELECT {group}, ordering, avg(epoch_seconds) AS epoch_seconds_mean,
                avg(order_wait_seconds) AS order_wait_seconds_mean
         FROM ep GROUP BY ALL
-    ), curve AS (
-        SELECT {group}, ordering, epoch, avg(train_loss) AS train_loss_mean FROM ep GROUP BY ALL
-    ), reached AS (
-        SELECT {", ".join(f"c.{col}" for col in GROUP_COLUMNS)}, c.ordering,
-               CAST(min(c.epoch) + 1 AS DOUBLE) AS epochs_to_baseline
-        FROM curve c JOIN per_ordering b ON {_same_group("c", "b")} AND b.ordering = $baseline
-        WHERE c.train_loss_mean <= b.final_train_loss_mean + {_TIE_RTOL} * abs(b.final_train_loss_mean)
-        GROUP BY ALL
+    ), diverged AS (
+        SELECT {group}, ordering, count(*) AS num_diverged FROM trials
+        WHERE status = 'diverged' AND ($sweep::VARCHAR IS NULL OR sweep = $sweep) GROUP BY ALL
+    ), keys AS (
+        SELECT {group}, ordering FROM per_ordering UNION SELECT {group}, ordering FROM diverged
     )
-    SELECT p.*, r.epochs_to_baseline, m.epoch_seconds_mean, m.order_wait_seconds_mean
-    FROM per_ordering p
-    LEFT JOIN reached r ON {_same_group("p", "r")} AND p.ordering = r.ordering
-    LEFT JOIN timing m ON {_same_group("p", "m")} AND p.ordering = m.ordering
-    ORDER BY {", ".join(f"p.{c}" for c in GROUP_COLUMNS)}, p.final_train_loss_mean, p.ordering
+    SELECT k.*, coalesce(p.num_seeds, 0) AS num_seeds, p.final_train_loss_mean, p.final_train_loss_std,
+           p.val_metric_mean, p.val_metric_name, m.epoch_seconds_mean, m.order_wait_seconds_mean,
+           coalesce(d.num_diverged, 0) AS num_diverged
+    FROM keys k
+    LEFT JOIN per_ordering p ON {_same_group("k", "p")} AND k.ordering = p.ordering
+    LEFT JOIN timing m ON {_same_group("k", "m")} AND k.ordering = m.ordering
+    LEFT JOIN diverged d ON {_same_group("k", "d")} AND k.ordering = d.ordering
+    ORDER BY {", ".join(f"k.{c}" for c in GROUP_COLUMNS)}, p.final_train_loss_mean, k.ordering
     """
     with connect(root) as con:
-        return con.execute(sql, {"sweep": sweep, "baseline": baseline}).df()
+        df = con.execute(sql, {"sweep": sweep}).df()
+        curves = con.execute(_completed_epochs_sql(), {"sweep": sweep}).df()
+    runs = _runs_by_ordering(curves)
+    columns = {name: [] for name in _STAT_COLUMNS}
+    for key, ordering in zip(df[list(GROUP_COLUMNS)].itertuples(index=False), df["ordering"], strict=True):
+        group_key = _group_key(key)
+        empty = stats.Runs(np.empty((0, 0)), np.empty((0, 0)), np.empty(0))
+        own, base = runs.get((group_key, ordering), empty), runs.get((group_key, baseline), empty)
+        speedup = stats.speedup_vs_baseline(base, own, same=ordering == baseline)
+        columns["epochs_to_baseline"].append(speedup.epochs_to_target)
+        columns["final_train_loss_ci95"].append(stats.t_ci_halfwidth(own.finals))
+        columns["seconds_to_baseline"].append(speedup.seconds_to_target)
+        for name in _STAT_COLUMNS[3:]:
+            columns[name].append(getattr(speedup, name))
+    df.insert(
+        df.columns.get_loc("epoch_seconds_mean"), "epochs_to_baseline", columns.pop("epochs_to_baseline")
+    )
+    num_diverged = df.pop("num_diverged")
+    return df.assign(**{name: np.asarray(values, dtype=float) for name, values in columns.items()}).assign(
+        num_diverged=num_diverged
+    )
+
+
+def summary_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """The text cells of ``summary()`` per ordering, as ``format_summary`` and the HTML report show them.
+
+    Args:
+        df: the DataFrame returned by ``summary()``.
+
+    Returns:
+        One row per row of ``df``, string columns: ordering, seeds, diverged, final train loss
+        (mean ± std), 95% CI (± half-width), val metric, epochs to baseline, s to baseline,
+        speedup [95% CI], time speedup [95% CI], epoch s, order-wait s; "-" where NaN.
+    """
+
+    def cells(column: str, spec: str, prefix: str = "") -> list[str]:
+        return ["-" if pd.isna(value) else prefix + format(value, spec) for value in df[column]]
+
+    def with_ci(column: str) -> list[str]:
+        points, lows, highs = (
+            cells(column, ".3g"),
+            cells(f"{column}_ci_low", ".3g"),
+            cells(f"{column}_ci_high", ".3g"),
+        )
+        return [
+            p if p == "-" or lo == "-" else f"{p} [{lo}, {hi}]"
+            for p, lo, hi in zip(points, lows, highs, strict=True)
+        ]
+
+    stds = ["" if std == "-" else f" ± {std}" for std in cells("final_train_loss_std", ".2g")]
+    names = ["" if pd.isna(name) else f" {name}" for name in df["val_metric_name"]]
+    return pd.DataFrame(
+        {
+            "ordering": df["ordering"].tolist(),
+            "seeds": df["num_seeds"].tolist(),
+            "diverged": df["num_diverged"].tolist(),
+            "final train loss": [
+                m + s for m, s in zip(cells("final_train_loss_mean", ".4g"), stds, strict=True)
+            ],
+            "95% CI": cells("final_train_loss_ci95", ".2g", "± "),
+            "val metric": [v + n for v, n in zip(cells("val_metric_mean", ".4g"), names, strict=True)],
+            "epochs to baseline": cells("epochs_to_baseline", ".0f"),
+            "s to baseline": cells("seconds_to_baseline", ".1f"),
+            "speedup [95% CI]": with_ci("speedup"),
+            "time speedup [95% CI]": with_ci("time_speedup"),
+            "epoch s": cells("epoch_seconds_mean", ".2f"),
+            "order-wait s": cells("order_wait_seconds_mean", ".3f"),
+        }
+    )
 
 
 def format_summary(df: pd.DataFrame) -> str:
@@ -357,29 +471,12 @@ def format_summary(df: pd.DataFrame) -> str:
         df: the DataFrame returned by ``summary()``.
 
     Returns:
-        The table as text; group headers name only the group columns that differ between groups.
+        The table as text (the columns of ``summary_cells``); group headers name only the group
+        columns that differ between groups.
     """
     if df.empty:
         return "no completed trials"
-
-    def cells(column: str, spec: str) -> list[str]:
-        return ["-" if pd.isna(value) else format(value, spec) for value in df[column]]
-
-    stds = ["" if std == "-" else f" ± {std}" for std in cells("final_train_loss_std", ".2g")]
-    names = ["" if pd.isna(name) else f" {name}" for name in df["val_metric_name"]]
-    table = pd.DataFrame(
-        {
-            "ordering": df["ordering"].tolist(),
-            "seeds": df["num_seeds"].tolist(),
-            "final train loss": [
-                m + s for m, s in zip(cells("final_train_loss_mean", ".4g"), stds, strict=True)
-            ],
-            "val metric": [v + n for v, n in zip(cells("val_metric_mean", ".4g"), names, strict=True)],
-            "epochs to baseline": cells("epochs_to_baseline", ".0f"),
-            "epoch s": cells("epoch_seconds_mean", ".2f"),
-            "order-wait s": cells("order_wait_seconds_mean", ".3f"),
-        }
-    )
+    table = summary_cells(df)
     header, *lines = table.to_string(index=False).splitlines()
     group_ids = df.groupby(list(GROUP_COLUMNS), dropna=False, sort=False).ngroup().tolist()
     if max(group_ids) == 0:
@@ -391,3 +488,43 @@ def format_summary(df: pd.DataFrame) -> str:
             out += ([""] if out else []) + [" ".join(f"{c}={df[c].iloc[i]}" for c in varying), header]
         out.append(line)
     return "\n".join(out)
+
+
+def ensure_writable(root: str) -> None:
+    """Check that results can be written under ``root`` (creates it), before anything runs.
+
+    Raises:
+        OrderlabError: the root cannot be created or written, naming it and the fix.
+    """
+    fs, base = _storage(root)
+    probe = f"{base}/.orderlab-write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, pa.ArrowException) as exc:
+        raise OrderlabError(
+            f"storage={root!r} is not writable ({exc}); choose a directory or bucket you can write to"
+        ) from exc
+
+
+def create_marker(root: str, relative: str) -> bool:
+    """Create the empty file ``{root}/{relative}``; False if it already existed (a once-only latch)."""
+    fs, base = _storage(root)
+    path = f"{base}/{relative}"
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path):
+        pass
+    return True
+
+
+def read_trial(root: str, sweep: str, trial_id: str) -> dict[str, Any] | None:
+    """The trials row of one trial, or None when it has none yet."""
+    fs, base = _storage(root)
+    path = f"{base}/trials/{sweep}/{trial_id}.parquet"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    return pq.read_table(path, filesystem=fs).to_pylist()[0]

@@ -11,6 +11,7 @@ actor. Its methods are ``async`` so that ``begin_epoch`` can wait while messages
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,19 @@ class OrderMessage:
         start: index of the first item: a pair index (pair differences) or a unit position (gradients).
         rank: the sending worker's rank.
         items: [m, d] float32 or float16 numpy array.
+        generation: the worker group's generation (``OrderServer.reset``); stale ones are dropped.
     """
 
     epoch: int
     start: int
     rank: int
     items: np.ndarray
+    generation: int = 0
+
+
+def order_digest(orders: np.ndarray) -> str:
+    """sha256 of an epoch's orders (int64 [num_workers, shard_size]): equal digests, equal orders."""
+    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64).tobytes()).hexdigest()
 
 
 class OrderServer:
@@ -62,8 +70,7 @@ class OrderServer:
         balance: str = "deterministic",
         balance_c: float = 30.0,
     ) -> None:
-        self.ordering = make_ordering(
-            ordering,
+        self._ordering_args = dict(
             num_workers=num_workers,
             shard_size=shard_size,
             dim=dim,
@@ -72,17 +79,41 @@ class OrderServer:
             balance=balance,
             balance_c=balance_c,
         )
+        self._ordering_name = ordering
         self.num_workers = num_workers
-        self.orders: dict[int, np.ndarray] = {0: self.ordering.begin_epoch().numpy()}
-        self.epoch = 0  # the epoch whose items are being applied
-        self.cursor = 0  # items of self.epoch applied for every rank
-        self.pending: list[dict[int, np.ndarray]] = [{} for _ in range(num_workers)]
-        self.bytes_received = 0
+        self.generation = 0
         self._changed = asyncio.Event()
+        self._start()
+
+    def _start(self) -> None:
+        """The state before epoch 0: a fresh ordering and epoch 0's orders."""
+        self.ordering = make_ordering(self._ordering_name, **self._ordering_args)
+        self.orders: dict[int, np.ndarray] = {}
+        self.digests: dict[int, str] = {}
+        self.epoch = -1  # the epoch whose items are being applied
+        self._advance()
+        self.bytes_received = 0
 
     @property
     def needs_gradients(self) -> bool:
         return self.ordering.needs_gradients
+
+    async def reset(self, state: dict[str, Any] | None) -> int:
+        """Start a new worker-group generation from a ``snapshot`` (or from scratch when None).
+
+        Called once by rank 0 whenever a worker group starts (also after a restart of this actor):
+        messages of earlier generations still in flight are then dropped.
+
+        Returns:
+            The new generation, which workers put on their messages.
+        """
+        if state is None:
+            self._start()
+        else:
+            self.restore(state)
+        self.generation += 1
+        self._changed.set()
+        return self.generation
 
     async def push(self, messages: list[OrderMessage]) -> int:
         """Accept messages (any arrival order) and apply every item that is now in order.
@@ -105,6 +136,10 @@ class OrderServer:
             await self._changed.wait()
         return self.orders[epoch][rank]
 
+    def order_digest(self, epoch: int) -> str:
+        """sha256 of ``epoch``'s orders of all workers (``order_digest``)."""
+        return self.digests[epoch]
+
     def node_id(self) -> str:
         """The Ray node this server runs on (recorded in the trials table)."""
         return ray.get_runtime_context().get_node_id()
@@ -115,6 +150,7 @@ class OrderServer:
             "epoch": self.epoch,
             "cursor": self.cursor,
             "orders": {e: torch.from_numpy(o.copy()) for e, o in self.orders.items()},
+            "digests": dict(self.digests),
             "ordering": self.ordering.state_dict(),
             "bytes_received": self.bytes_received,
         }
@@ -124,12 +160,15 @@ class OrderServer:
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self.orders = {int(e): o.numpy().copy() for e, o in state["orders"].items()}
+        self.digests = {int(e): d for e, d in state["digests"].items()}
         self.ordering.load_state_dict(state["ordering"])
         self.bytes_received = int(state["bytes_received"])
         self.pending = [{} for _ in range(self.num_workers)]
         self._changed.set()
 
     def _accept(self, message: OrderMessage) -> None:
+        if message.generation != self.generation:
+            return  # sent by a worker group that has since been restarted
         if message.epoch != self.epoch:
             # an earlier epoch's replay does nothing; a later epoch cannot exist before these orders
             assert message.epoch < self.epoch, (
@@ -179,9 +218,12 @@ class OrderServer:
     def _advance(self) -> None:
         self.epoch += 1
         self.cursor = 0
+        self.pending = [{} for _ in range(self.num_workers)]
         self.orders[self.epoch] = self.ordering.begin_epoch().numpy()
+        self.digests[self.epoch] = order_digest(self.orders[self.epoch])
         self.orders.pop(self.epoch - 2, None)
         self._changed.set()
 
 
-RemoteOrderServer = ray.remote(num_cpus=0)(OrderServer)
+# Ray restarts a dead server (fresh state); the next worker group then calls reset(checkpoint).
+RemoteOrderServer = ray.remote(num_cpus=0, max_restarts=-1)(OrderServer)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
@@ -33,7 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orderlab import results
 from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate, validate_grid
 from orderlab.errors import OrderlabError
-from orderlab.grads import num_parameters
+from orderlab.grads import num_parameters, vmap_problem
 from orderlab.orderings import ordering_class
 from orderlab.server import RemoteOrderServer
 from orderlab.tasks import make_task, resolve_data_dir
@@ -69,11 +70,27 @@ class TaskFacts:
 
     num_examples: int
     dim: int
+    not_vmappable: str | None  # why per-example gradients are impossible, or None
 
 
 def results_root(storage: str) -> str:
     """``storage`` as an absolute local path or an unchanged URI (Train workers chdir elsewhere)."""
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def storage_location(storage: str) -> tuple[pafs.FileSystem | None, str]:
+    """Where Tune and Train persist under ``storage``: ``(None, absolute path)`` for a local path, else
+    ``(pyarrow filesystem, path inside it)`` for a URI, for ``RunConfig(storage_filesystem=, storage_path=)``.
+
+    A URI may carry its filesystem's options in a query string
+    (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``), so sub-paths are joined to
+    the plain path, never appended to the URI.
+    """
+    root = results_root(storage)
+    if "://" not in root:
+        return None, root
+    filesystem, path = pafs.FileSystem.from_uri(root)
+    return filesystem, path.rstrip("/")
 
 
 def inspect_task(cfg: ExperimentConfig) -> TaskFacts:
@@ -84,7 +101,8 @@ def inspect_task(cfg: ExperimentConfig) -> TaskFacts:
     """
     task = make_task(cfg.task.name, cfg.task.options)
     data = task.load(resolve_data_dir(cfg.task.data_dir))
-    return TaskFacts(num_examples=len(data.train_targets), dim=num_parameters(build_model(task, cfg.seed)))
+    model = build_model(task, cfg.seed)
+    return TaskFacts(len(data.train_targets), num_parameters(model), vmap_problem(model))
 
 
 def provenance() -> dict[str, str | None]:
@@ -148,6 +166,9 @@ def run_trial(
         cfg.train, task_facts.num_examples, task_facts.dim, ordering.needs_gradients, ordering.message_kind
     )
     root = results_root(cfg.storage)
+    previous = results.read_trial(root, cfg.name, trial_id)
+    if previous is not None and previous["status"] in ("completed", "diverged"):
+        return  # a resumed sweep whose saved Tune state predates this trial's end: keep its rows
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
     results.write_trial(root, row)
     started = time.perf_counter()
@@ -162,6 +183,7 @@ def run_trial(
         balance_c=cfg.ordering.balance_c,
     )
     resources = cfg.resources
+    fs, fs_root = storage_location(cfg.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -179,7 +201,8 @@ def run_trial(
         ),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
-            storage_path=f"{root}/_train/{cfg.name}",
+            storage_path=f"{fs_root}/_train/{cfg.name}",
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
@@ -188,17 +211,13 @@ def run_trial(
     row["server_node_id"] = ray.get(server.node_id.remote())
     error: BaseException | None = None
     try:
-        row.update(trainer.fit().return_value or {})
+        row.update(trainer.fit().return_value)  # status completed or diverged, node ids
     except Exception as failure:  # recorded in the trials table, then re-raised for Tune
         error = failure
+        row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
     finally:
         ray.kill(server)
-    row.update(
-        status="error" if error else "completed",
-        error=None if error is None else f"{type(error).__name__}: {error}"[:4000],
-        finished_at=datetime.now(UTC),
-        wall_seconds=time.perf_counter() - started,
-    )
+    row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
     results.write_trial(root, row)
     if error is not None:
         raise error
@@ -288,6 +307,7 @@ def sweep(
     *,
     address: str | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> SweepResult:
     """Run every trial of a sweep on Ray and return its summary.
 
@@ -298,10 +318,12 @@ def sweep(
             (``tune.grid_search``, ``tune.loguniform``, ...; sampled ``num_samples`` times).
         address: a Ray cluster (``ray://`` or ``HOST:PORT``); default ``RAY_ADDRESS`` or an embedded local Ray.
         verbose: Ray's and Tune's own console output instead of one line per trial.
+        resume: continue the sweep of the same name and storage after an interruption: finished
+            trials are kept, unfinished and errored ones run again (each from its last checkpoint).
 
     Raises:
-        OrderlabError: any invalid config value (before anything runs), missing data, or a trial
-            that cannot fit the cluster.
+        OrderlabError: any invalid config value (before anything runs), missing data, unwritable
+            storage, a trial that cannot fit the cluster, or nothing to resume.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if isinstance(config, ExperimentConfig) and overrides:
@@ -315,8 +337,11 @@ def sweep(
         fact = facts[task_key(point)]
         ordering = ordering_class(point.ordering.name)
         plan_trial(point.train, fact.num_examples, fact.dim, ordering.needs_gradients, ordering.message_kind)
-    init_ray(address, verbose)
+        if ordering.needs_gradients and point.train.unit == "example" and fact.not_vmappable:
+            raise OrderlabError(f"ordering.name={point.ordering.name!r}: {fact.not_vmappable}")
     root = results_root(cfg.storage)
+    results.ensure_writable(root)
+    init_ray(address, verbose)
     space = grid_search_space(
         {**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}}
     )
@@ -325,19 +350,32 @@ def sweep(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
         {"CPU": cfg.resources.trial_cpus},
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent_trials(points), num_samples=cfg.num_samples
-        ),
-        run_config=tune.RunConfig(
-            name=cfg.name,
-            storage_path=f"{root}/_tune",
-            verbose=2 if verbose else 0,
-            callbacks=None if verbose else [TrialLines()],
-        ),
-    )
+    fs, fs_root = storage_location(cfg.storage)
+    tune_path = f"{fs_root}/_tune/{cfg.name}"
+    if resume:
+        if not tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+            raise OrderlabError(
+                f"--resume: no sweep {cfg.name!r} to resume under storage={root!r} ({tune_path}); "
+                "run it without --resume, or give the storage and name it ran with"
+            )
+        tuner = tune.Tuner.restore(
+            tune_path, trainable=trainable, param_space=space, resume_errored=True, storage_filesystem=fs
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent_trials(points), num_samples=cfg.num_samples
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=f"{fs_root}/_tune",
+                storage_filesystem=fs,
+                verbose=2 if verbose else 0,
+                callbacks=None if verbose else [TrialLines()],
+            ),
+        )
     grid = tuner.fit()
     return SweepResult(
         name=cfg.name,

@@ -13,6 +13,7 @@ n = shard_size; the tail that does not fill W equal shards of whole steps is dro
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import deque
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orderlab import results
-from orderlab.config import ExperimentConfig, TrainConfig
+from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import assign_flat_gradient, check_vmappable, microbatch_gradient, per_example_gradients
 from orderlab.orderings._balance import PairStream
@@ -166,6 +167,7 @@ class ServerMessenger:
     ) -> None:
         self.server, self.rank, self.message_kind = server, rank, message_kind
         self.message_steps, self.max_in_flight = message_steps, max_in_flight
+        self.generation = 0  # set from OrderServer.reset when the worker group starts
         self.in_flight: deque = deque()
         self.pairs = PairStream()
         self.begin_epoch(0)
@@ -203,9 +205,8 @@ class ServerMessenger:
             return
         items = np.concatenate(self.buffer)
         self.buffer = []
-        self.in_flight.append(
-            self.server.push.remote([OrderMessage(self.epoch, self.items_sent, self.rank, items)])
-        )
+        message = OrderMessage(self.epoch, self.items_sent, self.rank, items, self.generation)
+        self.in_flight.append(self.server.push.remote([message]))
         self.items_sent += len(items)
         self.bytes_sent += items.nbytes
         if len(self.in_flight) > self.max_in_flight:
@@ -229,6 +230,15 @@ class EpochTimes:
     compute_seconds: float = 0.0
     allreduce_seconds: float = 0.0
     order_wait_seconds: float = 0.0
+
+
+def fires_once(
+    results_root: str, trial_id: str, fault: str, point: FaultPoint | None, epoch: int, step: int, rank: int
+) -> bool:
+    """True the first time a test-only fault's point is reached in a trial (a marker file remembers)."""
+    if point is None or (point.epoch, point.step, point.rank) != (epoch, step, rank):
+        return False
+    return results.create_marker(results_root, f"_faults/{trial_id}/{fault}")
 
 
 class WorkerLoop:
@@ -259,52 +269,102 @@ class WorkerLoop:
         )
 
     def run(self) -> dict[str, Any]:
-        """Train the remaining epochs; return what the trial records (rank 0's return value reaches it)."""
-        for epoch in range(self.restore_checkpoint(), self.cfg.train.epochs):
-            order, wait_seconds = fetch_order(self.server, epoch, self.rank)
-            times = self.run_epoch(epoch, order)
-            times.order_wait_seconds += wait_seconds
-            times.epoch_seconds += wait_seconds
-            self.finish_epoch(epoch, times)
+        """Train the remaining epochs; return what the trial records (rank 0's return value reaches it).
+
+        Raises:
+            RuntimeError: the order server died (Ray Train restarts the worker group from the last
+                checkpoint when ``train.max_failures`` allows).
+        """
+        outcome: dict[str, Any] = {"status": "completed"}
+        try:
+            start = self.start_generation(self.restore_checkpoint())
+            for epoch in range(start, self.cfg.train.epochs):
+                order, wait_seconds = fetch_order(self.server, epoch, self.rank)
+                times, diverged = self.run_epoch(epoch, order)
+                times.order_wait_seconds += wait_seconds
+                times.epoch_seconds += wait_seconds
+                self.finish_epoch(epoch, times, checkpoint=diverged is None)
+                if diverged is not None:
+                    outcome = {"status": "diverged", "diverged_epoch": epoch, "error": diverged}
+                    break
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            raise RuntimeError(
+                f"the order server of trial {self.trial_id} died ({type(error).__name__}); with "
+                "train.max_failures >= 1 the trial restarts from its last checkpoint"
+            ) from error
         node_ids: list[Any] = [None] * self.plan.num_workers
         dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-        return {"worker_node_ids": node_ids}
+        return {**outcome, "worker_node_ids": node_ids}
 
-    def run_epoch(self, epoch: int, order: np.ndarray) -> EpochTimes:
-        """All steps of one epoch in ``order`` (local unit indices [shard_size])."""
-        times, started = EpochTimes(), time.perf_counter()
+    def start_generation(self, state: dict[str, Any] | None) -> int:
+        """Reset the order server to the checkpoint (rank 0) and share its generation; return the first epoch.
+
+        Every start of a worker group (first start, Ray Train restart, resumed sweep) begins a new
+        generation, so messages still in flight from a crashed group are dropped by the server.
+        """
+        generation = [
+            ray.get(self.server.reset.remote(state["server"] if state else None)) if self.rank == 0 else 0
+        ]
+        dist.broadcast_object_list(generation, src=0)
+        self.messenger.generation = generation[0]
+        return 0 if state is None else int(state["epoch"]) + 1
+
+    def run_epoch(self, epoch: int, order: np.ndarray) -> tuple[EpochTimes, str | None]:
+        """All steps of one epoch in ``order`` (local unit indices [shard_size]).
+
+        Returns:
+            The epoch's times, and why training diverged (a non-finite loss or gradient) or None.
+        """
+        times, started, diverged = EpochTimes(), time.perf_counter(), None
         self.model.train()
         self.messenger.begin_epoch(epoch)
         k = self.plan.units_per_step
         for step in range(self.plan.steps_per_epoch):
+            self.inject_faults(epoch, step)
             step_started = time.perf_counter()
             inputs, targets = self.shard.batch(order[step * k : (step + 1) * k])
-            unit_grads, step_grad = self.step_gradients(inputs, targets)
+            unit_grads, step_grad, step_loss = self.step_gradients(inputs, targets)
+            reduced = torch.cat([step_grad, step_loss.view(1)])  # one all-reduce: gradient and loss
             allreduce_started = time.perf_counter()
-            dist.all_reduce(step_grad)
+            dist.all_reduce(reduced)
             allreduce_seconds = time.perf_counter() - allreduce_started
-            assign_flat_gradient(self.model, step_grad / self.plan.num_workers)
+            times.allreduce_seconds += allreduce_seconds
+            if not bool(torch.isfinite(reduced).all()):  # every rank sees the same sum: all stop here
+                what = "gradient" if bool(torch.isfinite(reduced[-1])) else "loss"
+                diverged = f"non-finite {what} at epoch {epoch}, step {step}"
+                break
+            assign_flat_gradient(self.model, reduced[:-1] / self.plan.num_workers)
             self.optimizer.step()
             self.scheduler.step()
             if unit_grads is not None:
                 self.messenger.add(unit_grads)
-            times.allreduce_seconds += allreduce_seconds
             times.compute_seconds += time.perf_counter() - step_started - allreduce_seconds
         times.compute_seconds -= self.messenger.wait_seconds  # waits on the in-flight bound are not compute
-        self.messenger.flush()
+        if diverged is None:
+            self.messenger.flush()
         times.order_wait_seconds += self.messenger.wait_seconds
         times.epoch_seconds = time.perf_counter() - started
-        return times
+        return times, diverged
 
     def step_gradients(
         self, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(unit gradients [k, d] for the ordering or None, this worker's mean gradient [d])."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(unit gradients [k, d] for the ordering or None, this worker's mean gradient [d], its mean loss [])."""
         if self.per_example:
-            grads, _ = per_example_gradients(self.model, self.task.loss, inputs, targets)
-            return grads, grads.mean(dim=0)
-        grad, _ = microbatch_gradient(self.model, self.task.loss, inputs, targets)
-        return (grad.unsqueeze(0) if self.plan.needs_gradients else None), grad
+            grads, losses = per_example_gradients(self.model, self.task.loss, inputs, targets)
+            return grads, grads.mean(dim=0), losses.mean()
+        grad, loss = microbatch_gradient(self.model, self.task.loss, inputs, targets)
+        return (grad.unsqueeze(0) if self.plan.needs_gradients else None), grad, loss
+
+    def inject_faults(self, epoch: int, step: int) -> None:
+        """Test-only faults of ``cfg.faults``, each at most once per trial."""
+        faults, where = self.cfg.faults, (epoch, step, self.rank)
+        if fires_once(self.results_root, self.trial_id, "exit_worker", faults.exit_worker, *where):
+            os._exit(1)
+        if fires_once(
+            self.results_root, self.trial_id, "kill_order_server", faults.kill_order_server, *where
+        ):
+            ray.kill(self.server, no_restart=False)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -331,8 +391,8 @@ class WorkerLoop:
             "bytes_to_server": int(sums[5]),
         }
 
-    def finish_epoch(self, epoch: int, times: EpochTimes) -> None:
-        """Evaluate, write the epoch row and checkpoint (rank 0), report to Ray Train once."""
+    def finish_epoch(self, epoch: int, times: EpochTimes, checkpoint: bool = True) -> None:
+        """Evaluate, write the epoch row and (rank 0) a checkpoint keyed by epoch; report to Ray Train once."""
         metrics = self.evaluate()  # an all-reduce: every worker has flushed its messages by now
         row = {
             "trial_id": self.trial_id,
@@ -346,32 +406,39 @@ class WorkerLoop:
         if self.rank != 0:
             ray.train.report(row, checkpoint=None)
             return
+        row["order_digest"] = ray.get(self.server.order_digest.remote(epoch))
         results.write_epoch(self.results_root, row)
+        if not checkpoint:
+            ray.train.report(row, checkpoint=None)
+            return
         with tempfile.TemporaryDirectory() as directory:
             state = {
                 "epoch": epoch,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
                 "server": ray.get(self.server.snapshot.remote()),
             }
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    def restore_checkpoint(self) -> int:
-        """Load the latest registered checkpoint, if any; return the first epoch still to run."""
+    def restore_checkpoint(self) -> dict[str, Any] | None:
+        """Load the latest registered checkpoint into model, optimizer, scheduler and RNG; return it (or None).
+
+        The checkpoint names its epoch, so training resumes right after it whatever other (orphaned)
+        checkpoint folders exist, and the order server is reset to the snapshot taken at that epoch.
+        """
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return 0
+            return None
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True, map_location=self.device)
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.rank == 0:
-            ray.get(self.server.restore.remote(state["server"]))
-        dist.barrier()
-        return int(state["epoch"]) + 1
+        torch.set_rng_state(state["rng"])
+        return state
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:

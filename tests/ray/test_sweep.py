@@ -42,7 +42,9 @@ def test_sweep_writes_one_row_per_trial_and_epoch(two_trial_sweep):
     assert trials["shard_size"].tolist() == [712, 712]
     assert trials["num_dropped"].tolist() == [13, 13]
     nodes = con.sql("SELECT worker_node_ids, server_node_id FROM trials").df()
-    for worker_node_ids, server_node_id in zip(nodes["worker_node_ids"], nodes["server_node_id"], strict=True):
+    for worker_node_ids, server_node_id in zip(
+        nodes["worker_node_ids"], nodes["server_node_id"], strict=True
+    ):
         assert len(worker_node_ids) == 2 and all(worker_node_ids) and server_node_id
     counts = con.sql(
         "SELECT trial_id, count(*) AS n, count(DISTINCT epoch) AS d FROM epochs GROUP BY ALL"

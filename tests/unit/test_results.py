@@ -264,3 +264,74 @@ def test_unwritable_or_unreadable_root_raises(tmp_path: Path) -> None:
         results.connect(str(blocker))
     with pytest.raises(OrderlabError, match="not a usable URI"):
         results.connect("nosuchscheme://x")
+
+
+def test_summary_statistics_columns_by_hand(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    df = results.summary(root, sweep="s").set_index("ordering")
+    cd, rr = df.loc["cd-grab"], df.loc["rr"]
+    # 95% CI half-width: t_{0.975, 1} = 12.7062 (table) times std / sqrt(2).
+    assert cd["final_train_loss_ci95"] == pytest.approx(12.7062 * math.sqrt(0.125) / math.sqrt(2), rel=1e-4)
+    assert rr["final_train_loss_ci95"] == pytest.approx(12.7062 * math.sqrt(0.03125) / math.sqrt(2), rel=1e-4)
+    # Seconds to the target 0.625: cd-grab 2 epochs x mean 4 s, rr 3 epochs x mean 3 s.
+    assert (cd["seconds_to_baseline"], rr["seconds_to_baseline"]) == (8.0, 9.0)
+    # Speedup: rr needs 3 epochs to its own final mean, cd-grab 2; time: 9 s / 8 s.
+    assert (cd["speedup"], cd["time_speedup"]) == (1.5, 1.125)
+    assert (rr["speedup"], rr["speedup_ci_low"], rr["speedup_ci_high"]) == (1.0, 1.0, 1.0)
+    # Bootstrap CIs enumerated in test_stats.py.
+    assert (cd["speedup_ci_low"], cd["speedup_ci_high"]) == (0.0, 1.5)
+    assert (cd["time_speedup_ci_low"], cd["time_speedup_ci_high"]) == (0.0, 2.0)
+    assert (cd["num_diverged"], rr["num_diverged"]) == (0, 0)
+
+    # Never reached (rr against cd-grab's 0.5): every target column NaN.
+    by_cd = results.summary(root, baseline="cd-grab", sweep="s").set_index("ordering")
+    never = by_cd.loc["rr", ["seconds_to_baseline", "speedup", "speedup_ci_low", "time_speedup"]]
+    assert never.isna().all()
+    assert by_cd.loc["cd-grab", "speedup"] == 1.0 and by_cd.loc["cd-grab", "seconds_to_baseline"] == 12.0
+    # One seed: no CI, point estimates still there.
+    solo = results.summary(root, sweep="t").iloc[0]
+    assert math.isnan(solo["final_train_loss_ci95"]) and math.isnan(solo["speedup_ci_low"])
+    assert solo["speedup"] == 1.0 and math.isnan(solo["seconds_to_baseline"])  # no epoch_seconds
+
+
+def test_summary_keeps_columns_and_counts_diverged(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    before = results.summary(root, sweep="s")
+    # Diverged trials: counted, never averaged; an ordering with only diverged trials gets a row.
+    for trial_id, ordering in [("cd-grab-9", "cd-grab"), ("so-0", "so"), ("so-1", "so")]:
+        results.write_trial(root, trial_row(trial_id, ordering=ordering, seed=9, status="diverged"))
+        results.write_epoch(root, {"trial_id": trial_id, "sweep": "s", "epoch": 0, "train_loss": 1e9})
+    df = results.summary(root, sweep="s")
+    assert list(df.columns) == [
+        *results.GROUP_COLUMNS,
+        "ordering",
+        "num_seeds",
+        "final_train_loss_mean",
+        "final_train_loss_std",
+        "val_metric_mean",
+        "val_metric_name",
+        "epochs_to_baseline",
+        "epoch_seconds_mean",
+        "order_wait_seconds_mean",
+        "final_train_loss_ci95",
+        "seconds_to_baseline",
+        "speedup",
+        "speedup_ci_low",
+        "speedup_ci_high",
+        "time_speedup",
+        "time_speedup_ci_low",
+        "time_speedup_ci_high",
+        "num_diverged",
+    ]
+    assert df["ordering"].tolist() == ["cd-grab", "rr", "so"]
+    assert df["num_diverged"].tolist() == [1, 0, 2]
+    assert df["num_seeds"].tolist() == [2, 2, 0]
+    numbers = before.columns.drop(["val_metric_name", "momentum", "num_diverged"])
+    assert df.iloc[:2][numbers].equals(before[numbers])  # the diverged rows changed nothing
+    assert df.iloc[2].drop([*results.GROUP_COLUMNS, "ordering", "num_seeds", "num_diverged"]).isna().all()
+
+    text = results.format_summary(df)
+    assert "diverged" in text.splitlines()[0] and "speedup [95% CI]" in text
+    assert "1.5 [0, 1.5]" in text and "1.12 [0, 2]" in text and "± 3.2" in text

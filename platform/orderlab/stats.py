@@ -1,0 +1,208 @@
+"""Statistics over seeds for ``orderlab.results.summary``: t confidence intervals, epochs and seconds
+to a target loss, and speedups against a baseline with a bootstrap confidence interval.
+
+Curves are matrices ``[num_seeds, num_epochs]`` (one row per trial, column ``e`` = epoch index ``e``),
+NaN where a trial has no row for that epoch. "Mean curve" is the mean over the seeds present at
+each epoch. Pure numpy/scipy: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# A mean curve "reaches" a target loss at <= target; the relative slack only absorbs float
+# summation-order differences between two averages (a tie must count as reached).
+TIE_RTOL = 1e-9
+NUM_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def t_ci_halfwidth(values: np.ndarray, confidence: float = 0.95) -> float:
+    """Half-width of the two-sided t confidence interval of the mean: ``t_{(1+c)/2, n-1} * s / sqrt(n)``.
+
+    Args:
+        values: [n] samples (one per seed); NaNs are dropped.
+        confidence: coverage of the interval, e.g. 0.95.
+
+    Returns:
+        The half-width (mean ± half-width is the interval); NaN with fewer than two samples.
+    """
+    # Imported here: scipy.stats takes ~1 s to import, and every Ray worker imports orderlab.results.
+    from scipy import stats as scipy_stats
+
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return float("nan")
+    quantile = scipy_stats.t.ppf((1 + confidence) / 2, df=len(values) - 1)
+    return float(quantile * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def mean_curve(curves: np.ndarray) -> np.ndarray:
+    """Mean over seeds at each epoch, ignoring missing epochs; NaN where no seed has a value.
+
+    Args:
+        curves: [..., num_seeds, num_epochs] float, NaN for missing.
+
+    Returns:
+        [..., num_epochs] float.
+    """
+    present = ~np.isnan(curves)
+    counts = present.sum(axis=-2)
+    totals = np.where(present, curves, 0.0).sum(axis=-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+
+
+def first_reach(curve: np.ndarray, target: np.ndarray | float) -> np.ndarray:
+    """Index of the first epoch at which ``curve <= target`` (ties reach), -1 if never.
+
+    Args:
+        curve: [..., num_epochs] mean loss curve(s).
+        target: scalar or [...] target loss(es); NaN never reaches.
+
+    Returns:
+        [...] int64 epoch indices (a 0-d array for one curve).
+    """
+    target = np.asarray(target, dtype=float)[..., None]
+    with np.errstate(invalid="ignore"):
+        reached = curve <= target + TIE_RTOL * np.abs(target)
+    return np.where(reached.any(axis=-1), reached.argmax(axis=-1), -1)
+
+
+def epochs_to_target(curve: np.ndarray, target: np.ndarray | float) -> np.ndarray:
+    """Epoch count (index + 1) at which ``curve`` first reaches ``target``; NaN if never.
+
+    Args:
+        curve: [..., num_epochs] mean loss curve(s).
+        target: scalar or [...] target loss(es).
+
+    Returns:
+        [...] float.
+    """
+    index = first_reach(curve, target)
+    return np.where(index >= 0, index + 1.0, np.nan)
+
+
+def seconds_to_target(curve: np.ndarray, seconds: np.ndarray, target: np.ndarray | float) -> np.ndarray:
+    """Cumulative seconds (summed mean epoch seconds, up to and including the reaching epoch); NaN if never.
+
+    Args:
+        curve: [..., num_epochs] mean loss curve(s).
+        seconds: [..., num_epochs] mean epoch seconds; a NaN before the reaching epoch gives NaN.
+        target: scalar or [...] target loss(es).
+
+    Returns:
+        [...] float.
+    """
+    index = first_reach(curve, target)
+    cumulative = np.cumsum(seconds, axis=-1)
+    at = np.take_along_axis(cumulative, np.maximum(index, 0)[..., None], axis=-1)[..., 0]
+    return np.where(index >= 0, at, np.nan)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """One ordering's completed trials in one group.
+
+    Attributes:
+        losses: [num_seeds, num_epochs] train loss by epoch index, NaN where missing.
+        seconds: [num_seeds, num_epochs] epoch_seconds, NaN where missing.
+        finals: [num_seeds] each trial's train loss at its last epoch.
+    """
+
+    losses: np.ndarray
+    seconds: np.ndarray
+    finals: np.ndarray
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.finals)
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Speedups of an ordering over the baseline; NaN where undefined."""
+
+    epochs_to_target: float  # the ordering's mean curve reaching the baseline's final mean loss
+    seconds_to_target: float
+    speedup: float  # baseline epochs to its own final mean / ordering's epochs_to_target
+    speedup_ci_low: float
+    speedup_ci_high: float
+    time_speedup: float  # the same with cumulative epoch seconds
+    time_speedup_ci_low: float
+    time_speedup_ci_high: float
+
+
+def _speedups(base: Runs, runs: Runs, base_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Targets and speedups for seed selections ``base_rows`` [B, nb] and ``rows`` [B, n] (B resamples).
+
+    Returns:
+        epochs_to_target [B], seconds_to_target [B], speedup [B], time_speedup [B]; an ordering that
+        never reaches the target has speedup 0 (it would need infinitely many epochs).
+    """
+    target = base.finals[base_rows].mean(axis=-1)
+    base_curve, base_seconds = mean_curve(base.losses[base_rows]), mean_curve(base.seconds[base_rows])
+    curve, seconds = mean_curve(runs.losses[rows]), mean_curve(runs.seconds[rows])
+    base_epochs = epochs_to_target(base_curve, target)
+    base_time = seconds_to_target(base_curve, base_seconds, target)
+    epochs = epochs_to_target(curve, target)
+    time = seconds_to_target(curve, seconds, target)
+    reached = first_reach(curve, target) >= 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        speedup = np.where(reached, base_epochs / epochs, 0.0)
+        time_speedup = np.where(reached, base_time / time, 0.0)
+    return epochs, time, speedup, time_speedup
+
+
+def speedup_vs_baseline(
+    base: Runs,
+    runs: Runs,
+    *,
+    same: bool = False,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+) -> Speedup:
+    """Epochs and seconds to the baseline's final mean loss, and speedups with a percentile bootstrap CI.
+
+    Each resample draws the baseline's seeds and the ordering's seeds with replacement, recomputes
+    the target (the resampled baseline's final mean) and both speedups. A resample in which the
+    ordering never reaches the target counts as speedup 0. The CI is NaN when the point estimate is,
+    when either side has fewer than two seeds, or when any resample is NaN (e.g. missing timings).
+
+    Args:
+        base: the baseline ordering's runs.
+        runs: the compared ordering's runs (``base`` itself for the baseline's own row).
+        same: ``runs`` is ``base``; one resample serves both sides, so the speedup is exactly 1.
+        num_resamples: bootstrap resamples.
+        seed: numpy seed of the resampling, fixed so the CI is reproducible.
+        confidence: coverage of the interval.
+
+    Returns:
+        The Speedup; every field NaN when ``base`` or ``runs`` has no seeds.
+    """
+    nan = float("nan")
+    if base.num_seeds == 0 or runs.num_seeds == 0:
+        return Speedup(*[nan] * 8)
+    point = [
+        float(v[0])
+        for v in _speedups(base, runs, np.arange(base.num_seeds)[None], np.arange(runs.num_seeds)[None])
+    ]
+    epochs, time, speedup, time_speedup = point
+    if np.isnan(epochs):
+        speedup = time_speedup = nan  # never reached: undefined, not 0
+    intervals = [(nan, nan), (nan, nan)]
+    if base.num_seeds >= 2 and runs.num_seeds >= 2:
+        rng = np.random.default_rng(seed)
+        base_rows = rng.integers(0, base.num_seeds, size=(num_resamples, base.num_seeds))
+        rows = base_rows if same else rng.integers(0, runs.num_seeds, size=(num_resamples, runs.num_seeds))
+        samples = _speedups(base, runs, base_rows, rows)[2:]
+        tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+        for i, (estimate, sample) in enumerate(zip((speedup, time_speedup), samples, strict=True)):
+            if not np.isnan(estimate) and not np.isnan(sample).any():
+                low, high = np.quantile(sample, tails)
+                intervals[i] = (float(low), float(high))
+    return Speedup(epochs, time, speedup, *intervals[0], time_speedup, *intervals[1])

@@ -1,0 +1,221 @@
+"""Unit tests for orderlab.report: PNG figures, the self-contained HTML page, errors, the CLI command."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orderlab import results
+from orderlab.cli import main
+from orderlab.errors import OrderlabError
+from orderlab.report import report
+
+CHROMIUM = "/usr/bin/chromium"
+FIGURES = ("loss_vs_epoch", "loss_vs_seconds", "herding", "time_breakdown")
+
+
+def write_results(root: str, *, herding: bool = True) -> None:
+    """Two batch sizes (facets) x rr, grab, cd-grab x 2 seeds x 5 epochs, plus one diverged trial."""
+    rng = np.random.default_rng(0)
+    speed = {"rr": 0.3, "grab": 0.45, "cd-grab": 0.5}
+    for batch_size in (16, 32):
+        for ordering, rate in speed.items():
+            for seed in (0, 1):
+                trial_id = f"{ordering}-b{batch_size}-s{seed}"
+                results.write_trial(
+                    root,
+                    {
+                        "trial_id": trial_id,
+                        "sweep": "s",
+                        "task": "digits-logreg",
+                        "ordering": ordering,
+                        "num_workers": 2,
+                        "batch_size": batch_size,
+                        "lr": 0.1,
+                        "lr_schedule": "constant",
+                        "seed": seed,
+                        "epochs": 5,
+                        "status": "completed",
+                    },
+                )
+                for epoch in range(5):
+                    compute, allreduce, wait = 0.5 + 0.1 * rng.random(), 0.1, 0.05 if rate > 0.3 else 0.0
+                    results.write_epoch(
+                        root,
+                        {
+                            "trial_id": trial_id,
+                            "sweep": "s",
+                            "epoch": epoch,
+                            "train_loss": 2.0 * np.exp(-rate * (epoch + 1)) + 0.05 * rng.random(),
+                            "val_metric": 0.5 + 0.08 * epoch * rate + 0.02 * rng.random(),
+                            "val_metric_name": "accuracy",
+                            "epoch_seconds": compute + allreduce + wait + 0.02,
+                            "compute_seconds": compute,
+                            "allreduce_seconds": allreduce,
+                            "order_wait_seconds": wait,
+                            "herding": (3.0 - rate * epoch) if herding and ordering != "rr" else None,
+                        },
+                    )
+    results.write_trial(
+        root,
+        {"trial_id": "rr-diverged", "sweep": "s", "ordering": "rr", "batch_size": 16, "status": "diverged"},
+    )
+
+
+class _Page(HTMLParser):
+    """The <title> text and the src of every <img>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.title, self.images, self._in_title = "", [], False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._in_title = tag == "title"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+
+
+def parse(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    return page
+
+
+def assert_sane_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[1] > 300 and pixels.shape[0] > 200, pixels.shape
+    assert pixels.std() > 0  # not blank
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(results root, report.html) of the fixture results."""
+    root = tmp_path_factory.mktemp("res")
+    write_results(str(root))
+    return root, report(root, out=root / "out")
+
+
+def test_report_writes_pngs_and_self_contained_html(made: tuple[Path, Path]) -> None:
+    root, path = made
+    assert path == root / "out" / "report.html"
+    for name in FIGURES:
+        assert_sane_png(root / "out" / f"{name}.png")
+    page = parse(path.read_text())
+    assert page.title == "orderlab report: s"
+    assert len(page.images) == len(FIGURES)
+    embedded = {base64.b64decode(src.removeprefix("data:image/png;base64,")) for src in page.images}
+    assert embedded == {(root / "out" / f"{name}.png").read_bytes() for name in FIGURES}
+    text = path.read_text()
+    assert "min–max over seeds" in text
+    assert "<script" not in text and not re.search(r'(src|href)="(?!data:)', text)  # nothing to fetch
+    # The summary table: one row per facet and ordering, the varying group column first.
+    assert text.count("<tr>") == 1 + 2 * 3
+    assert "<th>batch_size</th>" in text and "speedup [95% CI]" in text
+
+
+def test_report_default_out_and_sweep(made: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = made
+    assert report(str(root), sweep="s") == root / "reports" / "s" / "report.html"
+
+
+def test_herding_figure_is_skipped_without_values(tmp_path: Path) -> None:
+    write_results(str(tmp_path), herding=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "herding.png").write_bytes(b"stale")
+    path = report(tmp_path, out=tmp_path / "out")
+    assert not (tmp_path / "out" / "herding.png").exists()
+    text = path.read_text()
+    assert "Skipped: <code>epochs.herding</code> has no values" in text
+    assert len(parse(text).images) == 3
+
+
+def test_matplotlib_stays_out_of_imports_and_backend_unchanged(made: tuple[Path, Path]) -> None:
+    code = "import sys, orderlab.cli, orderlab.report, orderlab.results; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    code = (
+        "import matplotlib; matplotlib.use('svg'); from orderlab.report import report; "
+        f"report({str(made[0])!r}, out={str(made[0] / 'again')!r}); print(matplotlib.get_backend())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "svg"
+
+
+def test_empty_root_and_unknown_sweep_are_named(made: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(OrderlabError, match=f"no trials under results root '{re.escape(str(tmp_path))}'"):
+        report(tmp_path)
+    with pytest.raises(OrderlabError, match=r"sweep 'nope' is not under results root .*; sweeps there: s$"):
+        report(made[0], sweep="nope")
+    with pytest.raises(
+        OrderlabError, match=r"baseline 'rrr' has no completed trials .*; orderings there: cd-grab, grab, rr"
+    ):
+        report(made[0], baseline="rrr")
+    only_diverged = tmp_path / "d"
+    results.write_trial(str(only_diverged), {"trial_id": "a", "sweep": "x", "status": "diverged"})
+    with pytest.raises(OrderlabError, match=r"no completed trial .*\(trials: 1 diverged\)"):
+        report(only_diverged)
+
+
+def test_cli_report(made: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--help"]) == 0
+    assert "Example: orderlab report" in capsys.readouterr().out
+    assert main(["report", str(made[0]), "--sweep", "s", "--baseline", "grab", "--out", str(tmp_path)]) == 0
+    assert str(tmp_path / "report.html") in capsys.readouterr().out
+    assert (tmp_path / "time_breakdown.png").is_file()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orderlab: error: no trials under results root") and "Traceback" not in err
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None,
+    reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium); .ci/run does",
+)
+def test_report_renders_in_headless_chromium(made: tuple[Path, Path], tmp_path: Path) -> None:
+    _, path = made
+    screenshot = tmp_path / "screenshot.png"
+    chromium(f"--screenshot={screenshot}", "--window-size=1280,2000", path.as_uri(), profile=tmp_path / "p1")
+    assert_sane_png(screenshot)
+    from matplotlib.image import imread
+
+    pixels = imread(screenshot)[:, :, :3]
+    # Figures, not just text: a good share of the page is neither white nor near-black text.
+    colored = (pixels.max(axis=2) - pixels.min(axis=2)) > 0.2
+    assert colored.mean() > 0.005, colored.mean()
+    dom = chromium("--dump-dom", path.as_uri(), profile=tmp_path / "p2").stdout
+    page = parse(dom)
+    assert page.title == "orderlab report: s"
+    assert len(page.images) == len(FIGURES)
+    assert all(src.startswith("data:image/png;base64,iVBORw0KGgo") for src in page.images)
