@@ -121,3 +121,21 @@ def test_cli_run_end_to_end_and_sql(ray_cluster, tmp_path):
     )
     assert query.returncode == 0, query.stderr
     assert query.stdout.split() == ["ordering", "n", "grab", "2"]
+
+
+def test_more_workers_than_the_cluster_can_hold_is_a_clean_error(ray_cluster, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [sys.executable, "-m", "orderlab", "run", str(TINY), "--set", f"storage={tmp_path}",
+         "--set", "train.num_workers=8", "--set", "train.batch_size=64"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "train.num_workers=8" in done.stderr and "cluster has" in done.stderr
+
+
+def test_dashboard_listens_on_loopback_only(ray_cluster):
+    from ray._private import worker
+
+    webui = worker.global_worker.node.address_info.get("webui_url") or ""
+    assert webui.startswith("127.0.0.1:"), webui

@@ -28,6 +28,8 @@ def test_help_shows_an_example(command, capsys):
         ("task: {name: digits-logreg}\ntrain: {batch_size: 30, num_workers: 4}\n", [], "train.batch_size"),
         ("task: {name: digits-logreg}\n", ["train.lr_schedule=sawtooth"], "cosine"),
         ("task: {name: digits-logreg}\n", ["train.unknown=1"], "train.unknown"),
+        ("task: {name: digits-logreg}\ntrain: {batch_size: 2000, num_workers: 2}\n", [], "fewer than"),
+        ("task: {name: digits-logreg, options: {depth: 3}}\n", [], "task.options.depth"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message(tmp_path, yaml_text, overrides, needle):
@@ -62,3 +64,38 @@ def test_missing_data_file_names_file_and_source(tmp_path, capsys):
 def test_sql_error_is_a_clean_error(tmp_path, capsys):
     assert main(["results", str(tmp_path), "--sql", "SELECT nonsense FROM nowhere"]) == 2
     assert "--sql failed" in capsys.readouterr().err
+
+
+def test_unwritable_storage_is_named_and_nothing_runs(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"task: {{name: digits-logreg}}\nstorage: {blocker / 'results'}\n")
+    assert main(["sweep", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "storage=" in err and "not writable" in err
+    assert blocker.read_text() == "not a directory"  # nothing already there is touched
+
+
+def test_per_example_units_with_batchnorm_name_the_fix(tmp_path, capsys):
+    from torch import nn
+
+    from orderlab.tasks import TASKS, register_task
+    from orderlab.tasks.digits import DigitsLogReg
+
+    @register_task("digits-batchnorm-test")
+    class DigitsBatchNorm(DigitsLogReg):
+        def make_model(self) -> nn.Module:
+            return nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10))
+
+    try:
+        config = tmp_path / "c.yaml"
+        config.write_text(
+            f"task: {{name: digits-batchnorm-test}}\nordering: {{name: cd-grab}}\nstorage: {tmp_path / 'out'}\n"
+        )
+        assert main(["sweep", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "BatchNorm1d" in err and "microbatch" in err
+        assert not (tmp_path / "out").exists()
+    finally:
+        del TASKS["digits-batchnorm-test"]

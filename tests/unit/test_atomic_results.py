@@ -1,0 +1,43 @@
+"""Atomic results: a writer killed mid-write leaves only whole Parquet files behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from orderlab import results
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from orderlab import results
+    root = sys.argv[1]
+    epoch = 0
+    while True:
+        for trial in range(4):  # several "trials" write side by side, each its own files
+            results.write_epoch(root, {"trial_id": f"t{trial}", "sweep": "s", "epoch": epoch,
+                                       "train_loss": 1.0 / (epoch + 1), "order_digest": "x" * 64})
+        epoch += 1
+    """
+)
+
+
+def test_killed_writer_leaves_a_readable_table(tmp_path):
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(tmp_path.rglob("*.parquet"))) < 40:
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    whole = list(tmp_path.rglob("*.parquet"))
+    assert len(whole) >= 40
+    rows = results.epochs(str(tmp_path))  # reads every file: none may be partial
+    assert len(rows) == len(whole)
+    assert rows.groupby(["trial_id", "epoch"]).size().max() == 1
+    for trial_id, run in rows.groupby("trial_id"):
+        epochs = sorted(run["epoch"])
+        assert epochs == list(range(len(epochs))), trial_id  # each trial's files are contiguous
+        assert run.set_index("epoch")["train_loss"].to_dict() == {e: 1.0 / (e + 1) for e in epochs}
