@@ -232,6 +232,16 @@ class ResourcesConfig(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+class MetricsConfig(BaseModel):
+    """Optional per-epoch measurements."""
+
+    model_config = _MODEL_CONFIG
+    # parallel herding bound of each epoch's orders over per-unit gradients of a fixed random
+    # subsample of herding_units units per worker, at the epoch's start weights (epochs.herding)
+    herding: bool = False
+    herding_units: Int = Field(64, ge=2)
+
+
 class FaultPoint(BaseModel):
     """Where a fault fires: before optimizer step ``step`` of ``epoch`` on worker ``rank``."""
 
@@ -266,6 +276,7 @@ class ExperimentConfig(BaseModel):
     storage: str = Field("results", min_length=1)
     sweep: dict[str, list[Any]] = {}  # dotted key -> values; see expand_grid
     num_samples: Int = Field(1, ge=1)
+    metrics: MetricsConfig = MetricsConfig()
     faults: FaultsConfig = FaultsConfig()  # test-only
 
     @field_validator("name")

@@ -33,8 +33,9 @@ from orderlab import results
 from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import assign_flat_gradient, check_vmappable, microbatch_gradient, per_example_gradients
+from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
-from orderlab.seeding import MODEL, seed_for
+from orderlab.seeding import DATA, MODEL, rng_for, seed_for
 from orderlab.server import OrderMessage
 from orderlab.tasks import Task, TaskData, make_task, resolve_data_dir
 
@@ -280,10 +281,11 @@ class WorkerLoop:
             start = self.start_generation(self.restore_checkpoint())
             for epoch in range(start, self.cfg.train.epochs):
                 order, wait_seconds = fetch_order(self.server, epoch, self.rank)
+                herding = self.measure_herding(order) if self.cfg.metrics.herding else None
                 times, diverged = self.run_epoch(epoch, order)
                 times.order_wait_seconds += wait_seconds
                 times.epoch_seconds += wait_seconds
-                self.finish_epoch(epoch, times, checkpoint=diverged is None)
+                self.finish_epoch(epoch, times, herding, checkpoint=diverged is None)
                 if diverged is not None:
                     outcome = {"status": "diverged", "diverged_epoch": epoch, "error": diverged}
                     break
@@ -366,6 +368,33 @@ class WorkerLoop:
         ):
             ray.kill(self.server, no_restart=False)
 
+    def measure_herding(self, order: np.ndarray) -> float | None:
+        """Parallel herding bound of this epoch's orders (rank 0 gets it; others None).
+
+        Per-unit gradients of a fixed random subsample of ``metrics.herding_units`` local units
+        (seeded from (seed, rank)), at the weights the epoch starts from; each worker's subsample
+        is taken in the order the epoch visits it (docs/orderings.md, "Measures").
+        """
+        count = min(self.cfg.metrics.herding_units, self.plan.shard_size)
+        units = torch.randperm(self.plan.shard_size, generator=rng_for(self.cfg.seed, self.rank, 0, DATA))[
+            :count
+        ]
+        first_visit = np.full(self.plan.shard_size, len(order), dtype=np.int64)
+        np.minimum.at(first_visit, order, np.arange(len(order)))  # with-replacement may repeat or skip units
+        units = units[np.argsort(first_visit[units.numpy()], kind="stable")]
+        grads = torch.stack([self.unit_gradient(int(unit)) for unit in units])  # [count, d], visiting order
+        gathered = [torch.empty_like(grads) for _ in range(self.plan.num_workers)] if self.rank == 0 else None
+        dist.gather(grads.cpu(), gathered, dst=0)
+        if self.rank != 0:
+            return None
+        vectors = torch.stack(gathered)  # [W, count, d]
+        return parallel_herding_bound(vectors, torch.arange(count).repeat(self.plan.num_workers, 1))
+
+    def unit_gradient(self, unit: int) -> torch.Tensor:
+        """The flat gradient [d] of one local unit at the current weights."""
+        inputs, targets = self.shard.batch(np.array([unit]))
+        return microbatch_gradient(self.model, self.task.loss, inputs, targets)[0]
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Full-pass train loss at fixed weights over all shards and the validation loss/metric (all-reduced)."""
@@ -391,7 +420,9 @@ class WorkerLoop:
             "bytes_to_server": int(sums[5]),
         }
 
-    def finish_epoch(self, epoch: int, times: EpochTimes, checkpoint: bool = True) -> None:
+    def finish_epoch(
+        self, epoch: int, times: EpochTimes, herding: float | None, checkpoint: bool = True
+    ) -> None:
         """Evaluate, write the epoch row and (rank 0) a checkpoint keyed by epoch; report to Ray Train once."""
         metrics = self.evaluate()  # an all-reduce: every worker has flushed its messages by now
         row = {
@@ -401,6 +432,7 @@ class WorkerLoop:
             **metrics,
             "val_metric_name": self.task.metric_name,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "herding": herding,
             **asdict(times),
         }
         if self.rank != 0:

@@ -88,7 +88,7 @@ def test_run_on_s3_storage_writes_and_queries_results(s3_endpoint, tmp_path):
     con = results.connect(storage)
     trials = con.sql("SELECT ordering, status, num_workers FROM trials").df()
     assert trials.to_dict("records") == [{"ordering": "cd-grab", "status": "completed", "num_workers": 2}]
-    assert con.sql("SELECT count(*) FROM epochs").fetchone() == (2,)
+    assert con.sql("SELECT count(*) FROM epochs").fetchall() == [(2,)]
 
     s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
     files = [

@@ -23,7 +23,7 @@ def two_trial_sweep(ray_cluster, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweep")
     outcome = orderlab.sweep(
         str(TINY),
-        overrides={"storage": str(storage), "train.epochs": 3, "sweep": {}},
+        overrides={"storage": str(storage), "train.epochs": 3, "sweep": {}, "metrics.herding": True},
         param_space={"ordering.name": tune.grid_search(["rr", "cd-grab"]), "seed": [0]},
     )
     return outcome, storage
@@ -68,6 +68,8 @@ def test_training_learns_and_only_gradient_orderings_talk_to_the_server(two_tria
         assert curve["val_metric"].iloc[-1] > 0.8
         parts = curve["compute_seconds"] + curve["allreduce_seconds"] + curve["order_wait_seconds"]
         assert (parts <= curve["epoch_seconds"] * 1.05 + 1e-3).all()
+    herding = results.connect(str(storage)).sql("SELECT herding FROM epochs").df()["herding"]
+    assert herding.notna().all() and (herding > 0).all()  # metrics.herding: measured every epoch
     sent = rows.groupby("ordering")["bytes_to_server"].max()
     # cd-grab: 2 workers × 356 pairs × 650 float32 per epoch; rr sends nothing
     assert sent["cd-grab"] == 2 * 356 * 650 * 4

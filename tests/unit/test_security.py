@@ -27,7 +27,12 @@ def test_no_unpickling_readers_in_the_package():
     offenders = []
     for path in SOURCES:
         text = path.read_text()
-        for pattern in (r"pickle\.loads?\(", r"allow_pickle\s*=\s*True", r"weights_only\s*=\s*False", r"pd\.read_pickle"):
+        for pattern in (
+            r"pickle\.loads?\(",
+            r"allow_pickle\s*=\s*True",
+            r"weights_only\s*=\s*False",
+            r"pd\.read_pickle",
+        ):
             if re.search(pattern, text):
                 offenders.append(f"{path.relative_to(ROOT)}: {pattern}")
         for call in _calls(text, "torch.load("):
