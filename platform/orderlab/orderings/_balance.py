@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from orderlab.seeding import BALANCE, ORDER, rng_for
@@ -24,46 +23,6 @@ def first_epoch_orders(num_workers: int, shard_size: int, seed: int, first_epoch
     if first_epoch == "identity":
         return torch.arange(shard_size).repeat(num_workers, 1)
     return torch.stack([random_permutation(shard_size, seed, w, 0) for w in range(num_workers)])
-
-
-#: bytes of one balancing block of gradient vectors (float32): bounds the server's memory per block
-BLOCK_BYTES = 64 << 20
-MAX_BLOCK_VECTORS = 256
-
-
-def block_size(dim: int, vectors_per_item: int) -> int:
-    """Items per balancing block, a function of (dim, workers) only, so that block boundaries, and with
-    them the float rounding of the result, never depend on how items are chunked into calls."""
-    vectors = max(1, min(MAX_BLOCK_VECTORS, BLOCK_BYTES // (4 * max(dim, 1))))
-    return max(1, vectors // vectors_per_item)
-
-
-class ItemBuffer:
-    """Items received but not yet balanced: whole blocks are taken as they fill up."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []  # each [num_workers, m, d]
-        self.count = 0
-
-    def add(self, items: torch.Tensor) -> None:
-        if items.shape[1]:
-            self.parts.append(items)
-            self.count += items.shape[1]
-
-    def take(self, count: int) -> torch.Tensor:
-        """The first ``count`` buffered items, [num_workers, count, d]."""
-        joined = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=1)
-        taken, rest = joined[:, :count], joined[:, count:]
-        self.parts = [rest] if rest.shape[1] else []
-        self.count -= count
-        return taken
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"parts": [p.clone() for p in self.parts]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.parts = [p.clone() for p in state["parts"]]
-        self.count = sum(p.shape[1] for p in self.parts)
 
 
 class SignRule:
@@ -85,33 +44,13 @@ class SignRule:
         """Reseed the generators for the balancing that happens during ``epoch``."""
         self.generators = [rng_for(self.seed, s, epoch, BALANCE) for s in range(len(self.generators))]
 
-    def positive(self, inner: float, sum_index: int) -> bool:
-        """True iff ε = +1 given the inner product <r, v> (a float64 scalar) for running sum ``sum_index``."""
+    def positive(self, running_sum: torch.Tensor, vector: torch.Tensor, sum_index: int) -> bool:
+        """True iff ε = +1 for ``running_sum`` [d] and ``vector`` [d] (both float32)."""
+        inner = float(torch.dot(running_sum, vector))
         if not self.probabilistic:
             return inner < 0.0  # orderings.md: strict; the tie at r = 0 gives ε = -1
         p = min(max(0.5 - inner / (2.0 * self.balance_c), 0.0), 1.0)
         return float(torch.rand((), generator=self.generators[sum_index])) < p
-
-    def balance_block(self, running_sum: torch.Tensor, vectors: torch.Tensor, sum_index: int) -> list[bool]:
-        """Balance ``vectors`` [k, d] in row order against ``running_sum`` [d]; update it in place.
-
-        Exact blocked balancing: V·r and the Gram matrix V·Vᵀ are computed once (two BLAS calls, one
-        pass over V), the k sequential decisions use the scalars <r_i, v_i> = <r_0, v_i> +
-        sum_{j<i} ε_j <v_j, v_i> accumulated in float64, and r gains εᵀV in one more pass. The signs
-        equal the per-vector rule's up to float rounding of the inner products.
-
-        Returns:
-            ε_i = +1 as True, per row.
-        """
-        inner = (vectors @ running_sum).double().numpy()  # [k] <r_0, v_i>
-        gram = (vectors @ vectors.T).double().numpy()  # [k, k]
-        signs = np.empty(len(inner))
-        for i in range(len(inner)):
-            sign = 1.0 if self.positive(float(inner[i]), sum_index) else -1.0
-            signs[i] = sign
-            inner[i + 1 :] += sign * gram[i, i + 1 :]
-        running_sum.add_(torch.from_numpy(signs).to(vectors.dtype) @ vectors)
-        return (signs > 0).tolist()
 
     def state_dict(self) -> dict[str, Any]:
         return {"generators": [g.get_state() for g in self.generators]}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from orderlab.orderings import register_ordering
-from orderlab.orderings._balance import ItemBuffer, NextOrder, SignRule, block_size, first_epoch_orders
+from orderlab.orderings._balance import NextOrder, SignRule, first_epoch_orders
 from orderlab.orderings.pair_balance import _check_items
 
 
@@ -56,9 +56,7 @@ class MeanBalance:
         self.orders = torch.empty(num_workers, 0, dtype=torch.long)
         self._visit: list[list[int]] = []
         self.next = NextOrder(num_workers, shard_size)
-        self.units_done = 0  # units balanced so far this epoch
-        self.buffer = ItemBuffer()  # units received, waiting for a whole block
-        self.block_units = block_size(dim, 1)
+        self.units_done = 0
 
     def begin_epoch(self) -> torch.Tensor:
         """Advance to the next epoch; return its orders, LongTensor [num_workers, shard_size].
@@ -82,7 +80,6 @@ class MeanBalance:
         self.gradient_sum.zero_()
         self.next = NextOrder(self.num_workers, self.shard_size)
         self.units_done = 0
-        self.buffer = ItemBuffer()
         self.sign.begin_epoch(self.epoch)
         return self.orders.clone()
 
@@ -93,23 +90,22 @@ class MeanBalance:
             ValueError: wrong shape, or more units than the epoch has.
         """
         _check_items(grads, self.num_workers, self.dim, "grads")
-        received = self.units_done + self.buffer.count + grads.shape[1]
-        if received > self.shard_size:
-            raise ValueError(f"grab: {received} units exceed the shard's {self.shard_size}")
-        self.buffer.add(grads.to(torch.float32))
-        while self.buffer.count >= self.block_units or (self.buffer.count and received == self.shard_size):
-            self._balance_block(self.buffer.take(min(self.block_units, self.buffer.count)))
-
-    def _balance_block(self, grads: torch.Tensor) -> None:
-        """Balance units ``units_done ..`` of every worker: grads [num_workers, b, dim] float32."""
-        first = self.units_done
-        for w in range(self.num_workers):
-            signs = self.sign.balance_block(self.running_sum[w], grads[w] - self.stale_mean[w], w)
-            for j, positive in enumerate(signs):
-                self.next.place_unit(w, self._visit[w][first + j], positive)
-            for g in grads[w]:  # sequential float32 sum, as grab-sampler's stale-mean estimator
+        num_units = grads.shape[1]
+        if self.units_done + num_units > self.shard_size:
+            raise ValueError(
+                f"grab: {self.units_done} + {num_units} units exceed the shard's {self.shard_size}"
+            )
+        grads = grads.to(torch.float32)
+        for j in range(num_units):
+            position = self.units_done + j
+            for w in range(self.num_workers):
+                g = grads[w, j]
+                centered = g - self.stale_mean[w]
+                positive = self.sign.positive(self.running_sum[w], centered, w)
+                self.next.place_unit(w, self._visit[w][position], positive)
+                self.running_sum[w].add_(centered, alpha=1.0 if positive else -1.0)
                 self.gradient_sum[w].add_(g)
-        self.units_done += grads.shape[1]
+        self.units_done += num_units
 
     observe_items = observe
 
@@ -123,7 +119,6 @@ class MeanBalance:
             "gradient_sum": self.gradient_sum.clone(),
             "next": self.next.state_dict(),
             "units_done": self.units_done,
-            "buffer": self.buffer.state_dict(),
             "sign": self.sign.state_dict(),
         }
 
@@ -136,5 +131,4 @@ class MeanBalance:
         self.gradient_sum = state["gradient_sum"].clone()
         self.next.load_state_dict(state["next"])
         self.units_done = int(state["units_done"])
-        self.buffer.load_state_dict(state["buffer"])
         self.sign.load_state_dict(state["sign"])

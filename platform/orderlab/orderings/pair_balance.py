@@ -12,14 +12,7 @@ from typing import Any
 import torch
 
 from orderlab.orderings import register_ordering
-from orderlab.orderings._balance import (
-    ItemBuffer,
-    NextOrder,
-    PairStream,
-    SignRule,
-    block_size,
-    first_epoch_orders,
-)
+from orderlab.orderings._balance import NextOrder, PairStream, SignRule, first_epoch_orders
 
 
 @register_ordering("pair-balance")
@@ -67,11 +60,9 @@ class PairBalance:
         self.orders = torch.empty(num_workers, 0, dtype=torch.long)
         self._visit: list[list[int]] = []
         self.next = NextOrder(num_workers, shard_size)
-        self.pairs_done = 0  # pairs balanced so far this epoch
+        self.pairs_done = 0
         self.units_seen = 0  # units given to observe(); 0 when the epoch is fed through observe_items
         self.stream = PairStream()
-        self.buffer = ItemBuffer()  # pairs received, waiting for a whole block
-        self.block_pairs = block_size(dim, num_workers if self.coordinated else 1)
 
     def begin_epoch(self) -> torch.Tensor:
         """Advance to the next epoch; return its orders, LongTensor [num_workers, shard_size].
@@ -95,7 +86,6 @@ class PairBalance:
         self.pairs_done = 0
         self.units_seen = 0
         self.stream.reset()
-        self.buffer = ItemBuffer()
         self.sign.begin_epoch(self.epoch)
         self._place_middle_if_done()
         return self.orders.clone()
@@ -130,30 +120,23 @@ class PairBalance:
             ValueError: wrong shape, or more pairs than the epoch has.
         """
         _check_items(pair_differences, self.num_workers, self.dim, "pair_differences")
-        received = self.pairs_done + self.buffer.count + pair_differences.shape[1]
-        if received > self.items_per_epoch:
-            raise ValueError(f"{self.name}: {received} pairs exceed the epoch's {self.items_per_epoch}")
-        self.buffer.add(pair_differences.to(torch.float32))
-        while self.buffer.count >= self.block_pairs or (self.buffer.count and received == self.items_per_epoch):
-            self._balance_block(self.buffer.take(min(self.block_pairs, self.buffer.count)))
-        self._place_middle_if_done()
-
-    def _balance_block(self, diffs: torch.Tensor) -> None:
-        """Balance pairs ``pairs_done ..`` of every worker: diffs [num_workers, b, dim] float32."""
-        num_pairs, first = diffs.shape[1], self.pairs_done
-        if self.coordinated:  # orderings.md: one running sum, pair-major and rank-minor
-            vectors = diffs.transpose(0, 1).reshape(num_pairs * self.num_workers, self.dim)
-            flat = self.sign.balance_block(self.running_sum[0], vectors, 0)
-            signs = [flat[j * self.num_workers : (j + 1) * self.num_workers] for j in range(num_pairs)]
-        else:
-            per_worker = [self.sign.balance_block(self.running_sum[w], diffs[w], w) for w in range(self.num_workers)]
-            signs = [[per_worker[w][j] for w in range(self.num_workers)] for j in range(num_pairs)]
+        num_pairs = pair_differences.shape[1]
+        if self.pairs_done + num_pairs > self.items_per_epoch:
+            raise ValueError(
+                f"{self.name}: {self.pairs_done} + {num_pairs} pairs exceed the epoch's {self.items_per_epoch}"
+            )
+        diffs = pair_differences.to(torch.float32)
+        running_sum, sign, next_order, visit = self.running_sum, self.sign, self.next, self._visit
         for j in range(num_pairs):
-            pair = first + j
-            for w in range(self.num_workers):
-                visit = self._visit[w]
-                self.next.place_pair(w, visit[2 * pair], visit[2 * pair + 1], signs[j][w])
+            pair = self.pairs_done + j
+            for w in range(self.num_workers):  # orderings.md: pair-major, rank-minor
+                s = 0 if self.coordinated else w
+                v = diffs[w, j]
+                positive = sign.positive(running_sum[s], v, s)
+                next_order.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], positive)
+                running_sum[s].add_(v, alpha=1.0 if positive else -1.0)
         self.pairs_done += num_pairs
+        self._place_middle_if_done()
 
     def _place_middle_if_done(self) -> None:
         if self.shard_size % 2 and self.pairs_done == self.items_per_epoch and not self.next.is_complete():
@@ -170,7 +153,6 @@ class PairBalance:
             "pairs_done": self.pairs_done,
             "units_seen": self.units_seen,
             "pending": None if self.stream.pending is None else self.stream.pending.clone(),
-            "buffer": self.buffer.state_dict(),
             "sign": self.sign.state_dict(),
         }
 
@@ -183,7 +165,6 @@ class PairBalance:
         self.pairs_done = int(state["pairs_done"])
         self.units_seen = int(state["units_seen"])
         self.stream.pending = None if state["pending"] is None else state["pending"].clone()
-        self.buffer.load_state_dict(state["buffer"])
         self.sign.load_state_dict(state["sign"])
 
 
