@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from orderlab.seeding import BALANCE, ORDER, rng_for
@@ -44,13 +45,24 @@ class SignRule:
         """Reseed the generators for the balancing that happens during ``epoch``."""
         self.generators = [rng_for(self.seed, s, epoch, BALANCE) for s in range(len(self.generators))]
 
-    def positive(self, running_sum: torch.Tensor, vector: torch.Tensor, sum_index: int) -> bool:
-        """True iff ε = +1 for ``running_sum`` [d] and ``vector`` [d] (both float32)."""
-        inner = float(torch.dot(running_sum, vector))
+    def positive(self, inner: float, sum_index: int) -> bool:
+        """True iff ε = +1, given the inner product <r, v> of running sum ``sum_index`` and the vector."""
         if not self.probabilistic:
             return inner < 0.0  # orderings.md: strict; the tie at r = 0 gives ε = -1
         p = min(max(0.5 - inner / (2.0 * self.balance_c), 0.0), 1.0)
         return float(torch.rand((), generator=self.generators[sum_index])) < p
+
+    def balance(self, running_sum: np.ndarray, vector: np.ndarray, sum_index: int) -> bool:
+        """One balancing step on float32 arrays [d]: decide ε, then r += ε v in place; return ε = +1.
+
+        Two passes over memory, as the plain rule: the inner product, then the in-place update.
+        """
+        positive = self.positive(float(running_sum @ vector), sum_index)
+        if positive:
+            running_sum += vector
+        else:
+            running_sum -= vector
+        return positive
 
     def state_dict(self) -> dict[str, Any]:
         return {"generators": [g.get_state() for g in self.generators]}

@@ -95,16 +95,18 @@ class MeanBalance:
             raise ValueError(
                 f"grab: {self.units_done} + {num_units} units exceed the shard's {self.shard_size}"
             )
-        grads = grads.to(torch.float32)
+        grads = grads.to(torch.float32).numpy()
+        running_sums, stale_means, sums = (
+            self.running_sum.numpy(),
+            self.stale_mean.numpy(),
+            self.gradient_sum.numpy(),
+        )
         for j in range(num_units):
             position = self.units_done + j
             for w in range(self.num_workers):
-                g = grads[w, j]
-                centered = g - self.stale_mean[w]
-                positive = self.sign.positive(self.running_sum[w], centered, w)
+                positive = self.sign.balance(running_sums[w], grads[w, j] - stale_means[w], w)
                 self.next.place_unit(w, self._visit[w][position], positive)
-                self.running_sum[w].add_(centered, alpha=1.0 if positive else -1.0)
-                self.gradient_sum[w].add_(g)
+                sums[w] += grads[w, j]  # sequential float32 sum, as grab-sampler's stale-mean estimator
         self.units_done += num_units
 
     observe_items = observe

@@ -125,16 +125,19 @@ class PairBalance:
             raise ValueError(
                 f"{self.name}: {self.pairs_done} + {num_pairs} pairs exceed the epoch's {self.items_per_epoch}"
             )
-        diffs = pair_differences.to(torch.float32)
-        running_sum, sign, next_order, visit = self.running_sum, self.sign, self.next, self._visit
+        diffs = pair_differences.to(torch.float32).numpy()
+        running_sums, balance, next_order, visit = (
+            self.running_sum.numpy(),
+            self.sign.balance,
+            self.next,
+            self._visit,
+        )
         for j in range(num_pairs):
             pair = self.pairs_done + j
             for w in range(self.num_workers):  # orderings.md: pair-major, rank-minor
                 s = 0 if self.coordinated else w
-                v = diffs[w, j]
-                positive = sign.positive(running_sum[s], v, s)
+                positive = balance(running_sums[s], diffs[w, j], s)
                 next_order.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], positive)
-                running_sum[s].add_(v, alpha=1.0 if positive else -1.0)
         self.pairs_done += num_pairs
         self._place_middle_if_done()
 
