@@ -209,6 +209,10 @@ class OrderingConfig(BaseModel):
     balance_c: Float = Field(30.0, gt=0)
     message_steps: Int = Field(16, ge=1)  # training steps batched into one message to the server
     max_in_flight: Int = Field(4, ge=1)  # messages a worker may have outstanding
+    # wire format of the vectors sent to the order server; balancing always accumulates in float32
+    payload_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # CountSketch gradients to this many coordinates on the worker before sending (None: exact)
+    sketch_dim: Int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod

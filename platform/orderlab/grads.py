@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from orderlab.errors import OrderlabError
+from orderlab.seeding import SKETCH, rng_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,3 +101,28 @@ def assign_flat_gradient(model: nn.Module, flat: torch.Tensor) -> None:
             p.grad = flat[offset : offset + size].view_as(p).to(p.dtype).clone()
             offset += size
     assert offset == flat.numel(), "flat gradient length must equal num_parameters(model)"
+
+
+class CountSketch:
+    """A fixed-seed CountSketch projection R^d -> R^m (Charikar, Chen & Farach-Colton, ICALP 2002).
+
+    Coordinate i is added, with sign s(i) = ±1, to bucket h(i); h and s are drawn once from
+    ``rng_for(seed, 0, 0, SKETCH)``, so every worker projects identically. O(d) memory and O(d) work
+    per vector; linear, so sketching pair differences equals differencing sketches, and
+    E<Sx, Sy> = <x, y>.
+
+    Args:
+        dim: d, the gradient length. sketch_dim: m, the sketch length. seed: experiment seed.
+        device: where vectors live.
+    """
+
+    def __init__(self, dim: int, sketch_dim: int, seed: int, device: torch.device | str = "cpu") -> None:
+        generator = rng_for(seed, 0, 0, SKETCH)
+        self.sketch_dim = sketch_dim
+        self.buckets = torch.randint(sketch_dim, (dim,), generator=generator).to(device)
+        self.signs = (torch.randint(2, (dim,), generator=generator) * 2 - 1).to(device, torch.float32)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Sketch rows: vectors [k, d] float32 -> [k, sketch_dim] float32."""
+        out = torch.zeros(vectors.shape[0], self.sketch_dim, dtype=torch.float32, device=vectors.device)
+        return out.index_add_(1, self.buckets, vectors * self.signs)

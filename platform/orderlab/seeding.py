@@ -10,6 +10,7 @@ ORDER = 0  # permutations: first epoch, rr, so, flipflop, with-replacement
 BALANCE = 1  # probabilistic balancing draws
 DATA = 2  # data splits and subsamples
 MODEL = 3  # model initialisation
+SKETCH = 4  # gradient sketch projections
 
 
 def seed_for(seed: int, rank: int, epoch: int, purpose: int = ORDER) -> int:

@@ -41,6 +41,24 @@ class OrderMessage:
     generation: int = 0
 
 
+def encode_payload(items: np.ndarray, payload_dtype: str) -> np.ndarray:
+    """float32 items [m, d] in the wire format: float32, float16, or bfloat16 bits as int16
+    (numpy has no bfloat16; numpy arrays travel zero-copy through Ray's object store)."""
+    if payload_dtype == "float16":
+        return items.astype(np.float16)
+    if payload_dtype == "bfloat16":
+        return torch.from_numpy(items).to(torch.bfloat16).view(torch.int16).numpy()
+    return items
+
+
+def decode_payload(items: np.ndarray, payload_dtype: str) -> torch.Tensor:
+    """The inverse of ``encode_payload``, widened to a float32 tensor [..., d]."""
+    tensor = torch.from_numpy(items)
+    if payload_dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.to(torch.float32)
+
+
 def order_digest(orders: np.ndarray) -> str:
     """sha256 of an epoch's orders (int64 [num_workers, shard_size]): equal digests, equal orders."""
     return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64).tobytes()).hexdigest()
@@ -51,8 +69,9 @@ class OrderServer:
 
     Args:
         ordering: the ordering's name. num_workers: W. shard_size: n units per worker.
-        dim: d, the gradient length (ignored by gradient-free orderings).
+        dim: d, the length of the vectors workers send (the sketch length when sketching).
         seed, first_epoch, balance, balance_c: as ``orderlab.orderings.make_ordering``.
+        payload_dtype: the wire format of message items (``encode_payload``).
 
     Raises:
         OrderlabError: from ``make_ordering`` on an unknown name or invalid value.
@@ -69,7 +88,9 @@ class OrderServer:
         first_epoch: str = "random",
         balance: str = "deterministic",
         balance_c: float = 30.0,
+        payload_dtype: str = "float32",
     ) -> None:
+        self.payload_dtype = payload_dtype
         self._ordering_args = dict(
             num_workers=num_workers,
             shard_size=shard_size,
@@ -210,7 +231,7 @@ class OrderServer:
         ready = min(ready, self.ordering.items_per_epoch - self.cursor)
         if ready > 0:
             items = np.stack([self._take(rank, ready) for rank in range(self.num_workers)])
-            self.ordering.observe_items(torch.from_numpy(items))
+            self.ordering.observe_items(decode_payload(items, self.payload_dtype))
             self.cursor += ready
         if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()

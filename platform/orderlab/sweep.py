@@ -176,11 +176,12 @@ def run_trial(
         cfg.ordering.name,
         num_workers=plan.num_workers,
         shard_size=plan.shard_size,
-        dim=plan.dim,
+        dim=cfg.ordering.sketch_dim or plan.dim,
         seed=cfg.seed,
         first_epoch=cfg.ordering.first_epoch,
         balance=cfg.ordering.balance,
         balance_c=cfg.ordering.balance_c,
+        payload_dtype=cfg.ordering.payload_dtype,
     )
     resources = cfg.resources
     fs, fs_root = storage_location(cfg.storage)

@@ -32,11 +32,17 @@ from torch import nn
 from orderlab import results
 from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
-from orderlab.grads import assign_flat_gradient, check_vmappable, microbatch_gradient, per_example_gradients
+from orderlab.grads import (
+    CountSketch,
+    assign_flat_gradient,
+    check_vmappable,
+    microbatch_gradient,
+    per_example_gradients,
+)
 from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
 from orderlab.seeding import DATA, MODEL, rng_for, seed_for
-from orderlab.server import OrderMessage
+from orderlab.server import OrderMessage, encode_payload
 from orderlab.tasks import Task, TaskData, make_task, resolve_data_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -161,13 +167,25 @@ class Shard:
 
 
 class ServerMessenger:
-    """Batches a worker's reductions into keyed messages with a bounded number in flight."""
+    """Batches a worker's reductions into keyed messages with a bounded number in flight.
+
+    Per step: sketch the unit gradients (optional), form pair differences (pair orderings), queue
+    them; every ``message_steps`` steps, encode the queue in ``payload_dtype`` and send it.
+    """
 
     def __init__(
-        self, server: Any, rank: int, message_kind: str, message_steps: int, max_in_flight: int
+        self,
+        server: Any,
+        rank: int,
+        message_kind: str,
+        message_steps: int,
+        max_in_flight: int,
+        sketch: CountSketch | None = None,
+        payload_dtype: str = "float32",
     ) -> None:
         self.server, self.rank, self.message_kind = server, rank, message_kind
         self.message_steps, self.max_in_flight = message_steps, max_in_flight
+        self.sketch, self.payload_dtype = sketch, payload_dtype
         self.generation = 0  # set from OrderServer.reset when the worker group starts
         self.in_flight: deque = deque()
         self.pairs = PairStream()
@@ -181,6 +199,8 @@ class ServerMessenger:
 
     def add(self, unit_grads: torch.Tensor) -> None:
         """Queue one step's unit gradients [k, d]; send when ``message_steps`` steps are queued."""
+        if self.sketch is not None:
+            unit_grads = self.sketch(unit_grads)
         items = (
             self.pairs.push(unit_grads.unsqueeze(0))[0]
             if self.message_kind == "pair_differences"
@@ -204,7 +224,7 @@ class ServerMessenger:
         self.steps_buffered = 0
         if not self.buffer:
             return
-        items = np.concatenate(self.buffer)
+        items = encode_payload(np.concatenate(self.buffer), self.payload_dtype)
         self.buffer = []
         message = OrderMessage(self.epoch, self.items_sent, self.rank, items, self.generation)
         self.in_flight.append(self.server.push.remote([message]))
@@ -265,8 +285,17 @@ class WorkerLoop:
         self.optimizer = make_optimizer(self.cfg.train, self.model)
         self.scheduler = make_lr_scheduler(self.cfg.train, self.optimizer, self.plan.steps_per_epoch)
         ordering = self.cfg.ordering
+        sketch = None
+        if ordering.sketch_dim is not None and self.plan.needs_gradients:
+            sketch = CountSketch(self.plan.dim, ordering.sketch_dim, self.cfg.seed, self.device)
         self.messenger = ServerMessenger(
-            self.server, self.rank, self.plan.message_kind, ordering.message_steps, ordering.max_in_flight
+            self.server,
+            self.rank,
+            self.plan.message_kind,
+            ordering.message_steps,
+            ordering.max_in_flight,
+            sketch,
+            ordering.payload_dtype,
         )
 
     def run(self) -> dict[str, Any]:

@@ -23,7 +23,14 @@ def two_trial_sweep(ray_cluster, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweep")
     outcome = orderlab.sweep(
         str(TINY),
-        overrides={"storage": str(storage), "train.epochs": 3, "sweep": {}, "metrics.herding": True},
+        overrides={
+            "storage": str(storage),
+            "train.epochs": 3,
+            "sweep": {},
+            "metrics.herding": True,
+            "ordering.payload_dtype": "float16",
+            "ordering.sketch_dim": 64,
+        },
         param_space={"ordering.name": tune.grid_search(["rr", "cd-grab"]), "seed": [0]},
     )
     return outcome, storage
@@ -71,8 +78,8 @@ def test_training_learns_and_only_gradient_orderings_talk_to_the_server(two_tria
     herding = results.connect(str(storage)).sql("SELECT herding FROM epochs").df()["herding"]
     assert herding.notna().all() and (herding > 0).all()  # metrics.herding: measured every epoch
     sent = rows.groupby("ordering")["bytes_to_server"].max()
-    # cd-grab: 2 workers × 356 pairs × 650 float32 per epoch; rr sends nothing
-    assert sent["cd-grab"] == 2 * 356 * 650 * 4
+    # cd-grab: 2 workers × 356 pairs × a 64-dim sketch in float16 per epoch (exact float32: 650 × 4 B); rr nothing
+    assert sent["cd-grab"] == 2 * 356 * 64 * 2
     assert sent["rr"] == 0
 
 
