@@ -54,7 +54,14 @@ def check_vmappable(model: nn.Module) -> None:
 def per_example_gradients(
     model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example flat gradients and losses of ``loss_fn(model(x[None]), y[None])``.
+    """Per-example flat gradients of ``loss_fn(model(x[None]), y[None])`` and the mean loss.
+
+    Models whose trainable parameters all belong to ``nn.Linear`` layers take a fast path: one
+    forward and one ``autograd.grad`` to the layers' outputs, then each example's weight gradient is
+    the outer product of its output gradient and its input, summed over any sequence positions
+    (the approach of Opacus; Yousefpour et al., 2021). Other models use
+    ``torch.func.vmap(grad_and_value(...))``. Both require ``loss_fn`` to be the mean of the examples'
+    losses, as mean-reduced torch losses are.
 
     Args:
         model: the network (call ``check_vmappable`` once before).
@@ -62,8 +69,10 @@ def per_example_gradients(
         inputs: [k, ...] microbatch inputs. targets: [k, ...] their targets.
 
     Returns:
-        (grads [k, d] float32 in ``model.parameters()`` order, losses [k] float32).
+        (grads [k, d] float32 in ``model.parameters()`` order, the mean loss [] float32).
     """
+    if _linear_only(model):
+        return _linear_per_example_gradients(model, loss_fn, inputs, targets)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
@@ -74,7 +83,41 @@ def per_example_gradients(
 
     grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
     flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
-    return flat.to(torch.float32), losses.detach().to(torch.float32)
+    return flat.to(torch.float32), losses.detach().mean().to(torch.float32)
+
+
+def _linear_only(model: nn.Module) -> bool:
+    """True when every trainable parameter belongs to an ``nn.Linear``."""
+    linear = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    return all(id(p) in linear for p in model.parameters() if p.requires_grad)
+
+
+def _linear_per_example_gradients(
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen[module] = (args[0].detach(), output)
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        loss = loss_fn(model(inputs), targets)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    k = inputs.shape[0]
+    grad_outputs = torch.autograd.grad(loss, [seen[layer][1] for layer in layers])
+    grads: dict[int, torch.Tensor] = {}
+    for layer, grad_output in zip(layers, grad_outputs, strict=True):
+        activation = seen[layer][0].reshape(k, -1, layer.in_features)
+        grad_output = grad_output.reshape(k, -1, layer.out_features) * k  # mean over k examples
+        grads[id(layer.weight)] = torch.einsum("bto,bti->boi", grad_output, activation).reshape(k, -1)
+        if layer.bias is not None:
+            grads[id(layer.bias)] = grad_output.sum(dim=1)
+    flat = torch.cat([grads[id(p)] for p in model.parameters() if p.requires_grad], dim=1)
+    return flat.to(torch.float32), loss.detach().to(torch.float32)
 
 
 def microbatch_gradient(

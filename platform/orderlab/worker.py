@@ -382,8 +382,8 @@ class WorkerLoop:
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(unit gradients [k, d] for the ordering or None, this worker's mean gradient [d], its mean loss [])."""
         if self.per_example:
-            grads, losses = per_example_gradients(self.model, self.task.loss, inputs, targets)
-            return grads, grads.mean(dim=0), losses.mean()
+            grads, loss = per_example_gradients(self.model, self.task.loss, inputs, targets)
+            return grads, grads.mean(dim=0), loss
         grad, loss = microbatch_gradient(self.model, self.task.loss, inputs, targets)
         return (grad.unsqueeze(0) if self.plan.needs_gradients else None), grad, loss
 
