@@ -255,6 +255,11 @@ def init_ray(address: str | None, verbose: bool) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
+    if address is None and "RAY_ADDRESS" not in os.environ:  # an embedded local Ray
+        # a trial starts ~2 + num_workers processes at once; let the raylet spawn them without warning
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
+    if not verbose:  # the notice that token authentication is on (it stays on)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         address=address,
         dashboard_host="127.0.0.1",
