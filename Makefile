@@ -27,6 +27,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# the benchmarks of benchmarks/, in order, each printing markdown tables (README "Performance");
+# `make bench BENCH_ARGS=--quick` for smaller sizes
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/python benchmarks/server_throughput.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/epoch_overhead.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/sketch_quality.py $(BENCH_ARGS)
+
 lint: setup
 	$(BIN)/ruff check platform tasks tests benchmarks
 	$(BIN)/ruff format --check platform tasks tests benchmarks

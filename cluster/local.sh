@@ -53,6 +53,10 @@ free_port() {
     "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+port_in_use() {  # port_in_use PORT: something on this machine listens on it
+    ! "$PYTHON" -c 'import socket, sys; s = socket.socket(); s.bind(("0.0.0.0", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+
 alive() {  # alive PIDFILE: the node's `ray start --block` process is running
     [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
@@ -90,6 +94,14 @@ up() {
     rm -f "$DIR"/node-*.pid "$DIR"/*.log
     local port="${ORDERLAB_RAY_PORT:-6379}" dashboard_port="${ORDERLAB_DASHBOARD_PORT:-8265}"
     local object_store="${ORDERLAB_OBJECT_STORE_BYTES:-200000000}"
+    if port_in_use "$port"; then
+        echo "local.sh: port $port is in use (another Ray?); choose another with ORDERLAB_RAY_PORT=PORT" >&2
+        exit 1
+    fi
+    if port_in_use "$dashboard_port"; then
+        echo "local.sh: port $dashboard_port is in use (another Ray?); choose another with ORDERLAB_DASHBOARD_PORT=PORT" >&2
+        exit 1
+    fi
     printf 'PORT=%s\nDASHBOARD_PORT=%s\n' "$port" "$dashboard_port" >"$DIR/ports"
     # creates ~/.ray/auth_token when there is no token yet; prints nothing here
     "$RAY" get-auth-token --generate >/dev/null 2>&1
@@ -103,7 +115,7 @@ up() {
         --object-store-memory "$object_store" --temp-dir "$DIR/tmp-head" --disable-usage-stats \
         $(node_ports) >"$DIR/head.log" 2>&1 </dev/null &
     echo $! >"$DIR/head.pid"
-    wait_started "$DIR/head.pid" "$DIR/head.log"
+    wait_started "$DIR/head.pid" "$DIR/head.log" || { down >/dev/null; exit 1; }
 
     local i
     for ((i = 1; i <= num_extra; i++)); do
@@ -114,7 +126,7 @@ up() {
             --object-store-memory "$object_store" --temp-dir "$DIR/tmp-$i" --disable-usage-stats \
             $(node_ports) >"$DIR/node-$i.log" 2>&1 </dev/null &
         echo $! >"$DIR/node-$i.pid"
-        wait_started "$DIR/node-$i.pid" "$DIR/node-$i.log"
+        wait_started "$DIR/node-$i.pid" "$DIR/node-$i.log" || { down >/dev/null; exit 1; }
     done
     echo "local Ray cluster up: head + $num_extra node(s); state in $DIR"
     echo "  Jobs API:  http://127.0.0.1:$dashboard_port   (orderlab submit CONFIG --address http://127.0.0.1:$dashboard_port)"

@@ -2,22 +2,26 @@
 
 A task is a class registered with ``@register_task(name)``. Its constructor takes the task's
 options (config ``task.options``) as keyword arguments; ``make_task(task_config)`` builds one.
+``TaskDefaults`` gives every task the defaults of the optional hooks (``arrange``,
+``finalize_metric``, ``evaluate_sums``, ``supported_units``, ``data_files``); a task overrides only
+what it needs. The data files, their checksums and URLs are in ``orderlab.tasks.files``.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from orderlab.data import file_sha256, verify_file
 from orderlab.errors import OrderlabError
 
 
@@ -26,29 +30,102 @@ class TaskData:
     """A task's examples as tensors; row i of inputs goes with row i of targets.
 
     Attributes:
-        train_inputs: [N, ...] float32. train_targets: [N] (int64 class labels or float32 targets).
-        val_inputs: [M, ...] float32. val_targets: [M].
+        train_inputs: [N, ...] float32 (int64 token ids for language models).
+        train_targets: [N, ...] (int64 class labels, float32 targets, or int64 next tokens).
+        val_inputs: [M, ...]. val_targets: [M, ...].
+        extras: task-specific arrays that are not examples (e.g. the language model's whole training
+            token stream, which ``Task.arrange`` lays out again for a worker count and batch size).
     """
 
     train_inputs: torch.Tensor
     train_targets: torch.Tensor
     val_inputs: torch.Tensor
     val_targets: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class EvalSums(NamedTuple):
+    """Sums over evaluated examples: ``loss_sum / count`` is the mean loss, ``metric_sum / count`` the
+    mean metric before ``Task.finalize_metric``. ``count`` is examples (tokens for language models)."""
+
+    loss_sum: float
+    metric_sum: float
+    count: int
 
 
 class Task(Protocol):
     """What the worker needs from a task."""
 
     name: str
-    metric_name: str  # e.g. "accuracy"
+    metric_name: str  # e.g. "accuracy", "perplexity", "rmse"
+    supported_units: tuple[str, ...]  # the train.unit values the task can order
+    data_files: tuple[str, ...]  # paths under the data directory it reads (keys of tasks.files.FILES)
 
     def load(self, data_dir: Path) -> TaskData: ...
+
+    def arrange(self, data: TaskData, num_workers: int, microbatch_size: int) -> TaskData: ...
 
     def make_model(self) -> nn.Module: ...
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
     def metric_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> float: ...
+
+    def finalize_metric(self, val_loss_mean: float, metric_mean: float) -> float: ...
+
+    def evaluate_sums(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_streams: int | None = None
+    ) -> EvalSums: ...
+
+
+class TaskDefaults:
+    """The defaults every task shares; a task class lists it as a base and overrides what differs."""
+
+    supported_units: tuple[str, ...] = ("example", "microbatch")
+    data_files: tuple[str, ...] = ()
+    eval_batch_size = 4096
+
+    def arrange(self, data: TaskData, num_workers: int, microbatch_size: int) -> TaskData:
+        """The training examples laid out for ``num_workers`` contiguous shards (identity by default).
+
+        Shards are contiguous blocks of units and a unit is ``microbatch_size`` consecutive examples
+        (``unit: microbatch``) or one example; a task whose examples depend on that layout (the
+        language model's corpus columns) overrides this.
+        """
+        return data
+
+    def finalize_metric(self, val_loss_mean: float, metric_mean: float) -> float:
+        """The reported validation metric from the mean loss and the mean of ``metric_sum``: the mean itself."""
+        return metric_mean
+
+    @torch.no_grad()
+    def evaluate_sums(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_streams: int | None = None
+    ) -> EvalSums:
+        """Loss and metric sums of ``model`` over ``inputs`` [N, ...], ``eval_batch_size`` rows at a time.
+
+        Args:
+            num_streams: for stateful models, the rows are chunk-major over this many streams (the
+                layout of a ``unit: microbatch`` shard); ignored by stateless tasks.
+        """
+        loss_sum = metric_sum = 0.0
+        for offset in range(0, len(targets), self.eval_batch_size):
+            outputs = model(inputs[offset : offset + self.eval_batch_size])
+            batch_targets = targets[offset : offset + self.eval_batch_size]
+            loss_sum += float(self.loss(outputs, batch_targets)) * len(batch_targets)  # type: ignore[attr-defined]
+            metric_sum += self.metric_sum(outputs, batch_targets)  # type: ignore[attr-defined]
+        return EvalSums(loss_sum, metric_sum, len(targets))
+
+
+def reset_model_state(model: nn.Module) -> None:
+    """Forget the state a stateful model carries between forward calls (the LSTM's hidden state).
+
+    Call at the start of every epoch; a no-op for stateless models.
+    """
+    for module in model.modules():
+        reset = getattr(module, "reset_state", None)
+        if callable(reset):
+            reset()
 
 
 TASKS: dict[str, type] = {}
@@ -110,16 +187,24 @@ def verified_file(data_dir: Path, relative: str, sha256: str, source: str) -> Pa
             f"data file {path} is missing (task data directory {data_dir}); get it from {source} "
             f"(sha256 {sha256}) or set task.data_dir / ORDERLAB_DATA to a directory that has {relative}"
         )
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
+    actual = file_sha256(path)
+    if actual != sha256:
         raise OrderlabError(
-            f"data file {path} is corrupt: sha256 {digest.hexdigest()} != expected {sha256}; "
-            f"download it again from {source}"
+            f"data file {path} is corrupt: sha256 {actual} != expected {sha256}; download it again from {source}"
         )
     return path
+
+
+def data_file(data_dir: Path, relative: str) -> Path:
+    """The verified path of ``relative``, an entry of the table ``orderlab.tasks.files.FILES``.
+
+    Raises:
+        OrderlabError: the file is missing or its checksum differs; the message names the file,
+            the expected checksum and where to get it (and ``orderlab data fetch`` when it can).
+    """
+    from orderlab.tasks.files import FILES
+
+    return verify_file(data_dir, FILES[relative])
 
 
 def read_gzip_bytes(path: Path) -> bytes:
@@ -128,12 +213,44 @@ def read_gzip_bytes(path: Path) -> bytes:
         return handle.read()
 
 
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx_gz(path: Path) -> np.ndarray:
+    """The array of a gzipped idx file (MNIST format): magic ``0x0000 TT NN``, NN big-endian int32 sizes.
+
+    Raises:
+        OrderlabError: the header is not an idx header of unsigned bytes.
+    """
+    raw = read_gzip_bytes(path)
+    kind, num_dims = raw[2], raw[3]
+    if raw[:2] != b"\0\0" or kind not in _IDX_DTYPES or not 1 <= num_dims <= 4:
+        raise OrderlabError(f"{path} is not an idx file of unsigned bytes (header {raw[:4].hex()})")
+    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">i4", count=num_dims, offset=4))
+    body = np.frombuffer(raw, dtype=_IDX_DTYPES[kind], offset=4 + 4 * num_dims)
+    if body.size != int(np.prod(shape)):
+        raise OrderlabError(f"{path}: idx header says shape {shape} but holds {body.size} values")
+    return body.reshape(shape)
+
+
 def accuracy_sum(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Number of correct arg-max predictions: outputs [N, C] logits, targets [N] int64."""
     return float((outputs.argmax(dim=1) == targets).sum())
 
 
 # registration happens on import; keep these after the registry
-from orderlab.tasks import digits, mnist1d  # noqa: E402,F401
+from orderlab.tasks import digits, fashion_mnist, hmda, m4, mnist, mnist1d, wikitext2  # noqa: E402,F401
 
-__all__ = ["TASKS", "Task", "TaskData", "make_task", "register_task", "resolve_data_dir", "verified_file"]
+__all__ = [
+    "TASKS",
+    "EvalSums",
+    "Task",
+    "TaskData",
+    "TaskDefaults",
+    "data_file",
+    "make_task",
+    "register_task",
+    "reset_model_state",
+    "resolve_data_dir",
+    "verified_file",
+]

@@ -15,23 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from orderlab.seeding import DATA, rng_for
-from orderlab.tasks import TaskData, accuracy_sum, read_gzip_bytes, register_task, verified_file
+from orderlab.tasks import TaskData, TaskDefaults, accuracy_sum, data_file, read_gzip_bytes, register_task
 
-CSV = "sklearn/digits.csv.gz"
-CSV_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
-CSV_SOURCE = "the scikit-learn wheel (sklearn/datasets/data/digits.csv.gz)"
+CSV = "sklearn/digits.csv.gz"  # checksum and source in tasks.files
 
 
 @register_task("digits-logreg")
-class DigitsLogReg:
+class DigitsLogReg(TaskDefaults):
     """Logistic regression on digits: pixels scaled to [0, 1], linear 64 -> 10 (the fastest task)."""
 
     metric_name = "accuracy"
+    data_files = (CSV,)
 
     def load(self, data_dir: Path) -> TaskData:
-        table = np.loadtxt(
-            io.BytesIO(read_gzip_bytes(verified_file(data_dir, CSV, CSV_SHA256, CSV_SOURCE))), delimiter=","
-        )
+        table = np.loadtxt(io.BytesIO(read_gzip_bytes(data_file(data_dir, CSV))), delimiter=",")
         inputs = torch.as_tensor(table[:, :64] / 16.0, dtype=torch.float32)
         targets = torch.as_tensor(table[:, 64], dtype=torch.int64)
         permutation = torch.randperm(len(targets), generator=rng_for(0, 0, 0, DATA))

@@ -14,17 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orderlab.tasks import TaskData, accuracy_sum, register_task, verified_file
+from orderlab.tasks import TaskData, TaskDefaults, accuracy_sum, data_file, register_task
 
-NPZ = "mnist1d/mnist1d_data.npz"
-NPZ_SHA256 = "c33e1c51ad6d7b4548f8019b536e5bf40f0cf805c1b83b2b3045e8a79045408a"
-NPZ_SOURCE = "the mnist1d package (pip install mnist1d; generated offline) or github.com/greydanus/mnist1d"
+NPZ = "mnist1d/mnist1d_data.npz"  # optional (checksum and source in tasks.files)
 
 
 def load_mnist1d(data_dir: Path) -> TaskData:
     """MNIST-1D as tensors: inputs [N, 40] float32, targets [N] int64 (4000 train, 1000 val)."""
     if (data_dir / NPZ).exists():
-        with np.load(verified_file(data_dir, NPZ, NPZ_SHA256, NPZ_SOURCE), allow_pickle=False) as arrays:
+        with np.load(data_file(data_dir, NPZ), allow_pickle=False) as arrays:
             raw = {key: arrays[key] for key in ("x", "y", "x_test", "y_test")}
     else:
         from mnist1d.data import get_dataset_args, make_dataset
@@ -38,8 +36,9 @@ def load_mnist1d(data_dir: Path) -> TaskData:
     )
 
 
-class _Mnist1dClassification:
+class _Mnist1dClassification(TaskDefaults):
     metric_name = "accuracy"
+    data_files = (NPZ,)
 
     def load(self, data_dir: Path) -> TaskData:
         return load_mnist1d(data_dir)

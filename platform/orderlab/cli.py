@@ -156,10 +156,54 @@ def submit(
             raise typer.Exit(1)
 
 
+data_app = typer.Typer(
+    no_args_is_help=True, help="Download and check the tasks' data files (sha256-checked)."
+)
+app.add_typer(data_app, name="data")
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="data directory (default: ORDERLAB_DATA, else ~/.cache/orderlab/data)"),
+]
+
+
+@data_app.command("fetch", epilog="Example: orderlab data fetch wikitext2-lstm --data-dir ~/data/orderlab")
+def data_fetch(
+    task: Annotated[str, typer.Argument(help="task name, e.g. mnist-logreg")], data_dir: DataDirOpt = None
+) -> None:
+    """Download TASK's missing or corrupt data files from their canonical URLs (resumable, checksum-verified)."""
+    from orderlab.data import fetch_files
+    from orderlab.tasks import resolve_data_dir
+    from orderlab.tasks.files import files_of
+
+    directory = resolve_data_dir(str(data_dir) if data_dir else None)
+    paths = fetch_files(files_of(task), directory)
+    print(f"{task}: {len(paths)} file(s) verified in {directory}")
+
+
+@data_app.command("check", epilog="Example: orderlab data check --data-dir ../shared/data")
+def data_check(
+    task: Annotated[str | None, typer.Argument(help="only this task's files")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Print every data file's status (ok, unverified, missing, corrupt); a corrupt file is an error."""
+    from orderlab.data import check_files, format_status_table
+    from orderlab.tasks import resolve_data_dir
+    from orderlab.tasks.files import FILES, files_of, tasks_by_file
+
+    directory = resolve_data_dir(str(data_dir) if data_dir else None)
+    rows = check_files(files_of(task) if task else FILES.values(), directory)
+    print(f"data directory {directory}\n{format_status_table(rows, tasks_by_file())}")
+    corrupt = [str(directory / file.relative) for file, status in rows if status == "corrupt"]
+    if corrupt:
+        raise OrderlabError(
+            f"corrupt data files (delete them and run `orderlab data fetch TASK`): {', '.join(corrupt)}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     try:
-        app(args=argv, standalone_mode=False)
+        outcome = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
     except OrderlabError as error:
         print(f"orderlab: error: {error}", file=sys.stderr)
         return 2
@@ -170,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Abort:
         return 130
-    return 0
+    return outcome if isinstance(outcome, int) else 0
 
 
 if __name__ == "__main__":

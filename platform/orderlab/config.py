@@ -235,6 +235,17 @@ class ResourcesConfig(BaseModel):
     # Ray placement of a trial's workers: PACK fills a node first, SPREAD spreads them over nodes
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, gpus: float) -> float:
+        if 0 < gpus < 1 or gpus != int(gpus):
+            raise _field_error(
+                "",
+                gpus,
+                "must be 0 (CPU, gloo) or a whole number of GPUs: NCCL needs a GPU of its own per rank",
+            )
+        return gpus
+
 
 class MetricsConfig(BaseModel):
     """Optional per-epoch measurements."""

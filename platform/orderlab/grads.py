@@ -96,10 +96,12 @@ def _linear_per_example_gradients(
     model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    calls: list[
+        tuple[nn.Linear, torch.Tensor, torch.Tensor]
+    ] = []  # every call: a layer may run several times
 
     def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        seen[module] = (args[0].detach(), output)
+        calls.append((module, args[0].detach(), output))
 
     hooks = [layer.register_forward_hook(keep) for layer in layers]
     try:
@@ -108,14 +110,15 @@ def _linear_per_example_gradients(
         for hook in hooks:
             hook.remove()
     k = inputs.shape[0]
-    grad_outputs = torch.autograd.grad(loss, [seen[layer][1] for layer in layers])
-    grads: dict[int, torch.Tensor] = {}
-    for layer, grad_output in zip(layers, grad_outputs, strict=True):
-        activation = seen[layer][0].reshape(k, -1, layer.in_features)
-        grad_output = grad_output.reshape(k, -1, layer.out_features) * k  # mean over k examples
-        grads[id(layer.weight)] = torch.einsum("bto,bti->boi", grad_output, activation).reshape(k, -1)
-        if layer.bias is not None:
-            grads[id(layer.bias)] = grad_output.sum(dim=1)
+    grad_outputs = torch.autograd.grad(loss, [output for _, _, output in calls])
+    grads = {id(p): torch.zeros(k, p.numel(), dtype=p.dtype) for p in model.parameters() if p.requires_grad}
+    for (layer, activation, _), grad_output in zip(calls, grad_outputs, strict=True):
+        activation = activation.reshape(k, -1, layer.in_features)
+        grad_output = grad_output.reshape(k, -1, layer.out_features) * k  # the loss is a mean over k examples
+        if layer.weight.requires_grad:
+            grads[id(layer.weight)] += torch.einsum("bto,bti->boi", grad_output, activation).reshape(k, -1)
+        if layer.bias is not None and layer.bias.requires_grad:
+            grads[id(layer.bias)] += grad_output.sum(dim=1)
     flat = torch.cat([grads[id(p)] for p in model.parameters() if p.requires_grad], dim=1)
     return flat.to(torch.float32), loss.detach().to(torch.float32)
 

@@ -6,7 +6,7 @@ The job's ``runtime_env`` carries everything the cluster needs from this machine
   (copied into a temporary directory; Ray zips and uploads it, and puts it first on every job
   process's ``PYTHONPATH``, so it wins over an orderlab installed on the nodes);
 - ``working_dir``: a temporary directory holding only the experiment YAML;
-- ``env_vars``: ``ORDERLAB_DATA`` when it is set here.
+- ``env_vars``: ``ORDERLAB_DATA`` when it is set here and the cluster runs on this machine.
 
 The entrypoint is ``python -m orderlab sweep <config> --set ...`` and runs on the head in the
 head's environment, whose Python must have orderlab's dependencies (torch, ray, pydantic, ...).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -36,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
 from orderlab.config import Overrides, load_config, validate_grid
 from orderlab.errors import OrderlabError
@@ -79,6 +81,12 @@ def jobs_address(address: str | None) -> str:
     if chosen.startswith("ray://"):
         raise OrderlabError(f"--address={chosen!r} is a Ray Client address; {_FIX_ADDRESS}")
     return (chosen if "://" in chosen else f"http://{chosen}").rstrip("/")
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the Jobs API ``url`` is on this machine (127.0.0.0/8, ::1 or localhost)."""
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or re.fullmatch(r"127(\.\d{1,3}){3}", host) is not None
 
 
 def auth_token() -> str | None:
@@ -230,7 +238,9 @@ def submit(
 
     The config and its overrides are validated here first. A ``storage`` that is a local path is
     made absolute here (it must be a directory every node sees: same machine or shared filesystem);
-    a URI (``s3://``, ``gs://``) is passed through.
+    a URI (``s3://``, ``gs://``) is passed through. Local paths of this machine mean something on
+    the cluster only when it runs here too: ``ORDERLAB_DATA`` is passed on to the job only for a
+    loopback address (a remote cluster's nodes set their own, see cluster/aws.yaml).
 
     Args:
         config: the experiment YAML. overrides: dotted ``K=V`` strings or a mapping, as for ``sweep``.
@@ -248,10 +258,19 @@ def submit(
     cfg = load_config(path, overrides)
     validate_grid(cfg)
     settings = _override_list(overrides)
-    if "://" not in cfg.storage and not Path(cfg.storage).expanduser().is_absolute():
+    local_storage = "://" not in cfg.storage
+    if local_storage and not Path(cfg.storage).expanduser().is_absolute():
         settings.append(f"storage={Path(cfg.storage).expanduser().resolve()}")
     client, url = connect(address)
-    env_vars = {"ORDERLAB_DATA": os.environ["ORDERLAB_DATA"]} if os.environ.get("ORDERLAB_DATA") else {}
+    on_this_machine = is_loopback(url)
+    if local_storage and not on_this_machine:
+        print(
+            f"note: storage={cfg.storage!r} is a local path: every node of the cluster at {url} must see it "
+            "(a shared filesystem); use --set storage=s3://... or gs://... otherwise",
+            file=out,
+        )
+    data_dir = os.environ.get("ORDERLAB_DATA")
+    env_vars = {"ORDERLAB_DATA": data_dir} if data_dir and on_this_machine else {}
     with tempfile.TemporaryDirectory(prefix="orderlab-submit-") as staging:
         job_dir, modules_dir = Path(staging, "job"), Path(staging, "modules")
         job_dir.mkdir()

@@ -66,11 +66,14 @@ class SweepResult:
 
 @dataclass(frozen=True)
 class TaskFacts:
-    """What the driver learns from a task before any trial: training-set size and gradient length."""
+    """What the driver learns from a task before any trial: training-set size (as arranged for the
+    trial's workers and batch), gradient length, the units it supports, and why per-example
+    gradients are impossible (None when ``vmap`` can split the model)."""
 
     num_examples: int
     dim: int
-    not_vmappable: str | None  # why per-example gradients are impossible, or None
+    supported_units: tuple[str, ...]
+    not_vmappable: str | None
 
 
 def results_root(storage: str) -> str:
@@ -79,13 +82,9 @@ def results_root(storage: str) -> str:
 
 
 def storage_location(storage: str) -> tuple[pafs.FileSystem | None, str]:
-    """Where Tune and Train persist under ``storage``: ``(None, absolute path)`` for a local path, else
-    ``(pyarrow filesystem, path inside it)`` for a URI, for ``RunConfig(storage_filesystem=, storage_path=)``.
-
-    A URI may carry its filesystem's options in a query string
-    (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``), so sub-paths are joined to
-    the plain path, never appended to the URI.
-    """
+    """Where Tune and Train keep their state: (None, absolute path) for local storage, else the
+    pyarrow filesystem of the URI and its path (query parameters such as ``endpoint_override``
+    configure the filesystem, so they never end up inside Ray's paths)."""
     root = results_root(storage)
     if "://" not in root:
         return None, root
@@ -93,16 +92,36 @@ def storage_location(storage: str) -> tuple[pafs.FileSystem | None, str]:
     return filesystem, path.rstrip("/")
 
 
-def inspect_task(cfg: ExperimentConfig) -> TaskFacts:
-    """Load the task's data and model once to size the trials' shards and gradients.
+def inspect_tasks(points: list[ExperimentConfig]) -> dict[str, TaskFacts]:
+    """Load each task's data and model once to size every trial's shards and gradients.
 
     Raises:
         OrderlabError: unknown task or option, missing or corrupt data files.
     """
-    task = make_task(cfg.task.name, cfg.task.options)
-    data = task.load(resolve_data_dir(cfg.task.data_dir))
-    model = build_model(task, cfg.seed)
-    return TaskFacts(len(data.train_targets), num_parameters(model), vmap_problem(model))
+    loaded: dict[str, tuple[Any, Any, Any]] = {}
+    facts: dict[str, TaskFacts] = {}
+    for point in points:
+        source = json.dumps(
+            [point.task.name, point.task.options, point.task.data_dir, point.seed], default=str
+        )
+        if source not in loaded:
+            task = make_task(point.task.name, point.task.options)
+            loaded[source] = (
+                task,
+                task.load(resolve_data_dir(point.task.data_dir)),
+                build_model(task, point.seed),
+            )
+        task, data, model = loaded[source]
+        key = task_key(point)
+        if key not in facts:
+            arranged = task.arrange(data, point.train.num_workers, point.train.microbatch_size)
+            facts[key] = TaskFacts(
+                len(arranged.train_targets),
+                num_parameters(model),
+                tuple(task.supported_units),
+                vmap_problem(model),
+            )
+    return facts
 
 
 def provenance() -> dict[str, str | None]:
@@ -225,9 +244,10 @@ def run_trial(
 
 
 def task_key(cfg: ExperimentConfig) -> str:
-    """Trials with equal keys share a task's data and model size."""
+    """Trials with equal keys share a task's data, its layout over workers, and the model size."""
+    task, train = cfg.task, cfg.train
     return json.dumps(
-        [cfg.task.name, cfg.task.options, cfg.task.data_dir, cfg.seed], sort_keys=True, default=str
+        [task.name, task.options, task.data_dir, cfg.seed, train.num_workers, train.batch_size], default=str
     )
 
 
@@ -338,11 +358,16 @@ def sweep(
     if plain_axes:
         cfg = cfg.with_overrides({f"sweep.{k}": v for k, v in plain_axes.items()})
     points = validate_grid(cfg)
-    facts = {task_key(point): inspect_task(point) for point in points}
+    facts = inspect_tasks(points)
     for point in points:
         fact = facts[task_key(point)]
         ordering = ordering_class(point.ordering.name)
         plan_trial(point.train, fact.num_examples, fact.dim, ordering.needs_gradients, ordering.message_kind)
+        if point.train.unit not in fact.supported_units:
+            raise OrderlabError(
+                f"train.unit={point.train.unit!r} is not supported by task {point.task.name!r}; "
+                f"use one of: {', '.join(fact.supported_units)}"
+            )
         if ordering.needs_gradients and point.train.unit == "example" and fact.not_vmappable:
             raise OrderlabError(f"ordering.name={point.ordering.name!r}: {fact.not_vmappable}")
     root = results_root(cfg.storage)
@@ -354,7 +379,11 @@ def sweep(
     base = config_to_dict(cfg.with_overrides({"sweep": {}}))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
-        {"CPU": cfg.resources.trial_cpus},
+        # trial drivers and their order servers go to the head node when the cluster marks it
+        {
+            "CPU": cfg.resources.trial_cpus,
+            **({"orderlab_head": 0.001} if "orderlab_head" in ray.cluster_resources() else {}),
+        },
     )
     fs, fs_root = storage_location(cfg.storage)
     tune_path = f"{fs_root}/_tune/{cfg.name}"

@@ -43,7 +43,7 @@ from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
 from orderlab.seeding import DATA, MODEL, rng_for, seed_for
 from orderlab.server import OrderMessage, encode_payload
-from orderlab.tasks import Task, TaskData, make_task, resolve_data_dir
+from orderlab.tasks import Task, TaskData, make_task, reset_model_state, resolve_data_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -193,7 +193,7 @@ class ServerMessenger:
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch, self.items_sent, self.bytes_sent, self.wait_seconds = epoch, 0, 0, 0.0
-        self.buffer: list[np.ndarray] = []
+        self.buffer: list[torch.Tensor] = []
         self.steps_buffered = 0
         self.pairs.reset()  # odd shard size: the last unit pairs with nothing
 
@@ -207,7 +207,7 @@ class ServerMessenger:
             else unit_grads
         )
         if len(items):
-            self.buffer.append(items.detach().cpu().numpy())
+            self.buffer.append(items.detach())  # stays on the device until the message is sent
         self.steps_buffered += 1
         if self.steps_buffered >= self.message_steps:
             self._send()
@@ -224,7 +224,9 @@ class ServerMessenger:
         self.steps_buffered = 0
         if not self.buffer:
             return
-        items = encode_payload(np.concatenate(self.buffer), self.payload_dtype)
+        items = encode_payload(
+            torch.cat(self.buffer).cpu().numpy(), self.payload_dtype
+        )  # one copy per message
         self.buffer = []
         message = OrderMessage(self.epoch, self.items_sent, self.rank, items, self.generation)
         self.in_flight.append(self.server.push.remote([message]))
@@ -275,9 +277,9 @@ class WorkerLoop:
         torch.set_num_threads(self.cfg.resources.num_threads)
         self.device = ray.train.torch.get_device()
         self.task = make_task(self.cfg.task.name, self.cfg.task.options)
-        self.shard = Shard(
-            self.task.load(resolve_data_dir(self.cfg.task.data_dir)), self.plan, self.rank, self.device
-        )
+        data = self.task.load(resolve_data_dir(self.cfg.task.data_dir))
+        data = self.task.arrange(data, self.plan.num_workers, self.cfg.train.microbatch_size)
+        self.shard = Shard(data, self.plan, self.rank, self.device)
         self.model = build_model(self.task, self.cfg.seed).to(self.device)
         self.per_example = self.plan.needs_gradients and self.cfg.train.unit == "example"
         if self.per_example:
@@ -348,6 +350,7 @@ class WorkerLoop:
         """
         times, started, diverged = EpochTimes(), time.perf_counter(), None
         self.model.train()
+        reset_model_state(self.model)  # the LSTM carries its hidden state across the epoch's chunks
         self.messenger.begin_epoch(epoch)
         k = self.plan.units_per_step
         for step in range(self.plan.steps_per_epoch):
@@ -413,40 +416,43 @@ class WorkerLoop:
         units = units[np.argsort(first_visit[units.numpy()], kind="stable")]
         grads = torch.stack([self.unit_gradient(int(unit)) for unit in units])  # [count, d], visiting order
         gathered = [torch.empty_like(grads) for _ in range(self.plan.num_workers)] if self.rank == 0 else None
-        dist.gather(grads.cpu(), gathered, dst=0)
+        dist.gather(grads, gathered, dst=0)  # on the device: NCCL needs device tensors
         if self.rank != 0:
             return None
-        vectors = torch.stack(gathered)  # [W, count, d]
+        vectors = torch.stack(gathered).cpu()  # [W, count, d]
         return parallel_herding_bound(vectors, torch.arange(count).repeat(self.plan.num_workers, 1))
 
     def unit_gradient(self, unit: int) -> torch.Tensor:
         """The flat gradient [d] of one local unit at the current weights."""
         inputs, targets = self.shard.batch(np.array([unit]))
+        reset_model_state(self.model)  # each unit measured from the same state
         return microbatch_gradient(self.model, self.task.loss, inputs, targets)[0]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Full-pass train loss at fixed weights over all shards and the validation loss/metric (all-reduced)."""
+        """Full-pass train loss at fixed weights over all shards and the validation loss/metric (all-reduced).
+
+        Stateful models (the LSTM) start each pass from a reset state and read the shard chunk by
+        chunk over its ``unit_size`` streams.
+        """
         self.model.eval()
-        sums = torch.zeros(6, dtype=torch.float64)
-        for offset in range(0, len(self.shard.targets), 4096):
-            outputs = self.model(self.shard.inputs[offset : offset + 4096])
-            targets = self.shard.targets[offset : offset + 4096]
-            sums[0] += float(self.task.loss(outputs, targets)) * len(targets)
-            sums[1] += len(targets)
-        for offset in range(0, len(self.shard.val_targets), 4096):
-            outputs = self.model(self.shard.val_inputs[offset : offset + 4096])
-            targets = self.shard.val_targets[offset : offset + 4096]
-            sums[2] += float(self.task.loss(outputs, targets)) * len(targets)
-            sums[3] += self.task.metric_sum(outputs, targets)
-            sums[4] += len(targets)
-        sums[5] = self.messenger.bytes_sent
+        streams = self.plan.unit_size if self.cfg.train.unit == "microbatch" else None
+        reset_model_state(self.model)
+        train = self.task.evaluate_sums(
+            self.model, self.shard.inputs, self.shard.targets, num_streams=streams
+        )
+        reset_model_state(self.model)
+        val = self.task.evaluate_sums(self.model, self.shard.val_inputs, self.shard.val_targets)
+        sums = torch.tensor(
+            [*train, *val, self.messenger.bytes_sent], dtype=torch.float64, device=self.device
+        )
         dist.all_reduce(sums)
+        train_loss, _, train_count, val_loss, val_metric, val_count, bytes_sent = sums.tolist()
         return {
-            "train_loss": float(sums[0] / sums[1]),
-            "val_loss": float(sums[2] / sums[4]),
-            "val_metric": float(sums[3] / sums[4]),
-            "bytes_to_server": int(sums[5]),
+            "train_loss": train_loss / train_count,
+            "val_loss": val_loss / val_count,
+            "val_metric": self.task.finalize_metric(val_loss / val_count, val_metric / val_count),
+            "bytes_to_server": int(bytes_sent),
         }
 
     def finish_epoch(

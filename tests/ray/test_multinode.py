@@ -44,7 +44,7 @@ def unused_port() -> int:
 def local_cluster():
     """Head (1 CPU) + one node (1 CPU), each its own `ray start` with its own ports and temp dir."""
     # Not tmp_path: Ray's socket paths live under the state dir and must stay under 107 bytes.
-    state = Path(tempfile.mkdtemp(prefix="ol-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    state = Path(tempfile.mkdtemp(prefix="olmn-", dir="/tmp" if Path("/tmp").is_dir() else None))
     dashboard_port = unused_port()
     env = {
         key: value
@@ -96,6 +96,8 @@ def test_submitted_sweep_spreads_each_trial_over_both_nodes(local_cluster, tmp_p
 
     status = orderlab_cli(local_cluster, "submit", "--status", job_id, "--address", local_cluster.address)
     assert (status.returncode, status.stdout.strip()) == (0, "SUCCEEDED"), status.stderr
+    logs = orderlab_cli(local_cluster, "submit", "--logs", job_id, "--address", local_cluster.address)
+    assert logs.returncode == 0 and "sweep tiny: 2 trials, 0 errors" in logs.stdout, logs.stderr
 
     trials = (
         results.connect(str(storage))

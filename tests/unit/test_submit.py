@@ -29,6 +29,13 @@ def test_jobs_address_adds_http_and_reads_the_environment(monkeypatch):
     assert submit.jobs_address(None) == "http://head:8265"
 
 
+def test_only_loopback_addresses_count_as_this_machine():
+    for url in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "http://127.1.2.3"):
+        assert submit.is_loopback(url), url
+    for url in ("http://10.0.0.5:8265", "https://ray.example.org", "http://127.example.org:8265"):
+        assert not submit.is_loopback(url), url
+
+
 def test_auth_token_follows_rays_order(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
