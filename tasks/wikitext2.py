@@ -169,7 +169,10 @@ class WikiText2Lstm(TaskDefaults):
         dropout: float = 0.0,
         reset_hidden_each_chunk: bool = False,
         eval_columns: int = 10,
+        train_tokens: int | None = None,
     ) -> None:
+        if train_tokens is not None and train_tokens < 2 * bptt:
+            raise OrderlabError(f"task.options.train_tokens={train_tokens} must be at least 2 × bptt = {2 * bptt}")
         if min(bptt, embedding_size, hidden_size, num_layers, eval_columns) < 1 or not 0 <= dropout < 1:
             raise OrderlabError(
                 "task.options of wikitext2-lstm: bptt, embedding_size, hidden_size, num_layers and "
@@ -178,6 +181,7 @@ class WikiText2Lstm(TaskDefaults):
         self.bptt, self.embedding_size, self.hidden_size = bptt, embedding_size, hidden_size
         self.num_layers, self.dropout, self.eval_columns = num_layers, dropout, eval_columns
         self.reset_hidden_each_chunk = reset_hidden_each_chunk
+        self.train_tokens = train_tokens  # a documented subset: the first train_tokens tokens of train.txt
 
     def load(self, data_dir: Path) -> TaskData:
         """The corpus, with the training examples laid out for one worker and one column.
@@ -190,7 +194,8 @@ class WikiText2Lstm(TaskDefaults):
             raise OrderlabError(f"WikiText-2 vocabulary has {corpus.vocab_size} words, expected {VOCAB_SIZE}")
         val_columns = batchify(corpus.valid, self.eval_columns)
         empty = torch.empty(0, self.bptt, dtype=torch.int64)
-        data = TaskData(empty, empty, val_columns[:, :-1], val_columns[:, 1:], {TRAIN_TOKENS: corpus.train})
+        train = corpus.train if self.train_tokens is None else corpus.train[: self.train_tokens]
+        data = TaskData(empty, empty, val_columns[:, :-1], val_columns[:, 1:], {TRAIN_TOKENS: train})
         return self.arrange(data, num_workers=1, microbatch_size=1)
 
     def arrange(self, data: TaskData, num_workers: int, microbatch_size: int) -> TaskData:

@@ -468,3 +468,17 @@ def test_paper_configs_sweep_the_orderings_and_seeds():
         sweep = load_config(path).sweep
         assert {"rr", "grab", "pair-balance", "cd-grab"} <= set(sweep["ordering.name"]), path
         assert sweep["seed"] == [0, 1, 2], path
+
+
+def test_wikitext2_train_tokens_is_a_prefix_subset(data_dir):
+    from orderlab.errors import OrderlabError
+
+    full = make_task("wikitext2-lstm").load(data_dir)
+    subset = make_task("wikitext2-lstm", {"train_tokens": 7000}).load(data_dir)
+    arranged = make_task("wikitext2-lstm", {"train_tokens": 7000}).arrange(subset, 2, 4)
+    # 7000 tokens in 8 columns of 875 tokens -> 24 chunks of 35 (+1 target shift) per column
+    assert arranged.train_inputs.shape == (2 * 24 * 4, 35)
+    assert torch.equal(subset.extras["train_tokens"], full.extras["train_tokens"][:7000])
+    assert torch.equal(subset.val_inputs, full.val_inputs)
+    with pytest.raises(OrderlabError, match="train_tokens"):
+        make_task("wikitext2-lstm", {"train_tokens": 10})
