@@ -367,7 +367,7 @@ def anatomy_table(
 
         rows.append(
             [
-                task,
+                task if task in summaries else f"{task} (not swept)",
                 f"{int(parts['dim']):,}",
                 f"{1e3 * parts['rr gradient']:.2f}",
                 f"{1e3 * parts['cd-grab gradient']:.2f}",
@@ -431,7 +431,13 @@ def main() -> None:
             print(f"\n## sweep {task}", flush=True)
             sweep_seconds[task] = run_task_sweep(task, args, storage)
             summaries[task] = summarize(epoch_rows(storage, task), task)
-        anatomy = {task: step_anatomy(task, args.anatomy_steps) for task in tasks}
+        # the tasks that were left out only for their length still get the step anatomy
+        unswept = [
+            t
+            for t in STAND_INS
+            if t not in tasks and t in TASKS and worker_can_run(t) is None and not args.quick
+        ]
+        anatomy = {task: step_anatomy(task, args.anatomy_steps) for task in tasks + unswept}
 
     print(
         f"\nEpoch seconds, {args.workers} workers, medians over seeds × epochs 1..{args.epochs - 1} "
