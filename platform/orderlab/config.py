@@ -251,10 +251,11 @@ class MetricsConfig(BaseModel):
     """Optional per-epoch measurements."""
 
     model_config = _MODEL_CONFIG
-    # parallel herding bound of each epoch's orders over per-unit gradients of a fixed random
-    # subsample of herding_units units per worker, at the epoch's start weights (epochs.herding)
+    # parallel herding bound of each epoch's orders over per-unit gradients at the epoch's start
+    # weights (epochs.herding): of every unit, or of a fixed random subsample of herding_units per
+    # worker (cheaper, but a small subsample hides the balance that pairing builds)
     herding: bool = False
-    herding_units: Int = Field(64, ge=2)
+    herding_units: Int | None = Field(None, ge=2)
 
 
 class FaultPoint(BaseModel):

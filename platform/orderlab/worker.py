@@ -38,6 +38,7 @@ from orderlab.grads import (
     check_vmappable,
     microbatch_gradient,
     per_example_gradients,
+    vmap_problem,
 )
 from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
@@ -407,14 +408,14 @@ class WorkerLoop:
         (seeded from (seed, rank)), at the weights the epoch starts from; each worker's subsample
         is taken in the order the epoch visits it (docs/orderings.md, "Measures").
         """
-        count = min(self.cfg.metrics.herding_units, self.plan.shard_size)
+        count = min(self.cfg.metrics.herding_units or self.plan.shard_size, self.plan.shard_size)
         units = torch.randperm(self.plan.shard_size, generator=rng_for(self.cfg.seed, self.rank, 0, DATA))[
             :count
         ]
         first_visit = np.full(self.plan.shard_size, len(order), dtype=np.int64)
         np.minimum.at(first_visit, order, np.arange(len(order)))  # with-replacement may repeat or skip units
         units = units[np.argsort(first_visit[units.numpy()], kind="stable")]
-        grads = torch.stack([self.unit_gradient(int(unit)) for unit in units])  # [count, d], visiting order
+        grads = self.unit_gradients(units.numpy())  # [count, d], in visiting order
         gathered = [torch.empty_like(grads) for _ in range(self.plan.num_workers)] if self.rank == 0 else None
         dist.gather(grads, gathered, dst=0)  # on the device: NCCL needs device tensors
         if self.rank != 0:
@@ -422,11 +423,21 @@ class WorkerLoop:
         vectors = torch.stack(gathered).cpu()  # [W, count, d]
         return parallel_herding_bound(vectors, torch.arange(count).repeat(self.plan.num_workers, 1))
 
-    def unit_gradient(self, unit: int) -> torch.Tensor:
-        """The flat gradient [d] of one local unit at the current weights."""
-        inputs, targets = self.shard.batch(np.array([unit]))
-        reset_model_state(self.model)  # each unit measured from the same state
-        return microbatch_gradient(self.model, self.task.loss, inputs, targets)[0]
+    def unit_gradients(self, units: np.ndarray) -> torch.Tensor:
+        """Flat gradients [len(units), d] of local units at the current weights (per-example gradients
+        in batches of 256 for example units; one backward per unit for microbatch units)."""
+        if self.cfg.train.unit == "example" and vmap_problem(self.model) is None:
+            batches = [self.shard.batch(units[i : i + 256]) for i in range(0, len(units), 256)]
+            return torch.cat(
+                [per_example_gradients(self.model, self.task.loss, *batch)[0] for batch in batches]
+            )
+        grads = []
+        for unit in units:
+            reset_model_state(self.model)  # each unit measured from the same state
+            grads.append(
+                microbatch_gradient(self.model, self.task.loss, *self.shard.batch(np.array([unit])))[0]
+            )
+        return torch.stack(grads)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
