@@ -123,6 +123,97 @@ class NextOrder:
         self.right = list(state["right"])
 
 
+class BalancingEpochs:
+    """The epoch bookkeeping that grab, pair-balance and cd-grab share.
+
+    Holds the epoch's orders (and their rows as lists, ``visit``, for the balancing loops), the
+    orders being built for the next epoch, the running sums [num_sums, dim] float32, the sign rule,
+    and how many items of the epoch have been balanced.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        num_workers: int,
+        shard_size: int,
+        dim: int,
+        seed: int,
+        first_epoch: str,
+        balance: str,
+        balance_c: float,
+        num_sums: int,
+        items_per_epoch: int,
+    ) -> None:
+        self.name, self.num_workers, self.shard_size = name, num_workers, shard_size
+        self.seed, self.first_epoch, self.items_per_epoch = seed, first_epoch, items_per_epoch
+        self.sign = SignRule(balance=balance, balance_c=balance_c, seed=seed, num_sums=num_sums)
+        self.running_sum = torch.zeros(num_sums, dim, dtype=torch.float32)
+        self.epoch = -1
+        self.orders = torch.empty(num_workers, 0, dtype=torch.long)
+        self.visit: list[list[int]] = []
+        self.next = NextOrder(num_workers, shard_size)
+        self.done = 0  # items balanced this epoch
+
+    def advance(self, complete: bool) -> torch.Tensor:
+        """Start the next epoch: epoch 0's first orders, then the orders built from the last epoch.
+
+        Raises:
+            RuntimeError: ``complete`` is False: the epoch's units have not all been observed.
+        """
+        if self.epoch < 0:
+            self.orders = first_epoch_orders(self.num_workers, self.shard_size, self.seed, self.first_epoch)
+        else:
+            if not complete:
+                raise RuntimeError(
+                    f"{self.name}: epoch {self.epoch} balanced {self.done} of {self.items_per_epoch} items; "
+                    "every unit must be seen before the next order exists"
+                )
+            self.orders = self.next.as_tensor()
+        self.epoch += 1
+        self.visit = self.orders.tolist()
+        self.running_sum.zero_()
+        self.next = NextOrder(self.num_workers, self.shard_size)
+        self.done = 0
+        self.sign.begin_epoch(self.epoch)
+        return self.orders.clone()
+
+    def check_room(self, count: int, what: str) -> None:
+        """Raise ValueError when ``count`` more items would exceed the epoch's."""
+        if self.done + count > self.items_per_epoch:
+            raise ValueError(
+                f"{self.name}: {self.done} + {count} {what} exceed the epoch's {self.items_per_epoch}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "epoch": self.epoch,
+            "orders": self.orders.clone(),
+            "running_sum": self.running_sum.clone(),
+            "next": self.next.state_dict(),
+            "done": self.done,
+            "sign": self.sign.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.orders = state["orders"].clone()
+        self.visit = self.orders.tolist()
+        self.running_sum = state["running_sum"].clone()
+        self.next.load_state_dict(state["next"])
+        self.done = int(state["done"])
+        self.sign.load_state_dict(state["sign"])
+
+
+def check_items(items: torch.Tensor, num_workers: int, dim: int, what: str) -> None:
+    """Raise ValueError unless ``items`` is [num_workers, k, dim]."""
+    if items.ndim != 3 or items.shape[0] != num_workers or items.shape[2] != dim:
+        raise ValueError(
+            f"{what} must have shape [num_workers={num_workers}, k, dim={dim}], got {tuple(items.shape)}"
+        )
+
+
 class PairStream:
     """Turns a stream of unit gradients, in visiting order, into pair differences v = g_first - g_second.
 

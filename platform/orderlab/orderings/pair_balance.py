@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from orderlab.orderings import register_ordering
-from orderlab.orderings._balance import NextOrder, PairStream, SignRule, first_epoch_orders
+from orderlab.orderings._balance import BalancingEpochs, PairStream, check_items
 
 
 @register_ordering("pair-balance")
@@ -47,48 +47,39 @@ class PairBalance:
         balance: str,
         balance_c: float,
     ) -> None:
-        self.num_workers = num_workers
-        self.shard_size = shard_size
-        self.dim = dim
-        self.seed = seed
-        self.first_epoch = first_epoch
+        self.num_workers, self.shard_size, self.dim = num_workers, shard_size, dim
         self.items_per_epoch = shard_size // 2
-        num_sums = 1 if self.coordinated else num_workers
-        self.sign = SignRule(balance=balance, balance_c=balance_c, seed=seed, num_sums=num_sums)
-        self.running_sum = torch.zeros(num_sums, dim, dtype=torch.float32)
-        self.epoch = -1
-        self.orders = torch.empty(num_workers, 0, dtype=torch.long)
-        self._visit: list[list[int]] = []
-        self.next = NextOrder(num_workers, shard_size)
-        self.pairs_done = 0
+        self.state = BalancingEpochs(
+            self.name,
+            num_workers=num_workers,
+            shard_size=shard_size,
+            dim=dim,
+            seed=seed,
+            first_epoch=first_epoch,
+            balance=balance,
+            balance_c=balance_c,
+            num_sums=1 if self.coordinated else num_workers,
+            items_per_epoch=self.items_per_epoch,
+        )
         self.units_seen = 0  # units given to observe(); 0 when the epoch is fed through observe_items
         self.stream = PairStream()
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
 
     def begin_epoch(self) -> torch.Tensor:
         """Advance to the next epoch; return its orders, LongTensor [num_workers, shard_size].
 
         Raises:
-            RuntimeError: the current epoch's pairs have not all been observed.
+            RuntimeError: the current epoch's units have not all been observed.
         """
-        if self.epoch < 0:
-            self.orders = first_epoch_orders(self.num_workers, self.shard_size, self.seed, self.first_epoch)
-        else:
-            if self.pairs_done < self.items_per_epoch or 0 < self.units_seen < self.shard_size:
-                raise RuntimeError(
-                    f"{self.name}: epoch {self.epoch} observed {self.pairs_done} of {self.items_per_epoch} pairs "
-                    f"({self.units_seen} units); every unit must be seen before the next order exists"
-                )
-            self.orders = self.next.as_tensor()
-        self.epoch += 1
-        self._visit = self.orders.tolist()
-        self.running_sum.zero_()
-        self.next = NextOrder(self.num_workers, self.shard_size)
-        self.pairs_done = 0
+        complete = self.state.done == self.items_per_epoch and self.units_seen in (0, self.shard_size)
+        orders = self.state.advance(complete)
         self.units_seen = 0
         self.stream.reset()
-        self.sign.begin_epoch(self.epoch)
         self._place_middle_if_done()
-        return self.orders.clone()
+        return orders
 
     def observe(self, grads: torch.Tensor) -> None:
         """Balance the next k units of every worker. grads: [num_workers, k, dim], visiting order.
@@ -99,14 +90,13 @@ class PairBalance:
         Raises:
             ValueError: wrong shape, or more units than the shard has.
         """
-        _check_items(grads, self.num_workers, self.dim, "grads")
+        check_items(grads, self.num_workers, self.dim, "grads")
         if self.units_seen + grads.shape[1] > self.shard_size:
             raise ValueError(
                 f"{self.name}: {self.units_seen} + {grads.shape[1]} units exceed the shard's {self.shard_size}"
             )
         self.units_seen += grads.shape[1]
-        diffs = self.stream.push(grads.to(torch.float32))
-        self.observe_items(diffs)
+        self.observe_items(self.stream.push(grads.to(torch.float32)))
 
     def observe_items(self, pair_differences: torch.Tensor) -> None:
         """Balance the next p pairs of every worker.
@@ -114,68 +104,42 @@ class PairBalance:
         Args:
             pair_differences: [num_workers, p, dim], any float dtype (float16/bfloat16 payloads are
                 widened; the running sum stays float32): v = g(position 2q) - g(position 2q+1)
-                for the epoch's pair indices q = pairs_done .. pairs_done + p - 1.
+                for the epoch's next pair indices q.
 
         Raises:
             ValueError: wrong shape, or more pairs than the epoch has.
         """
-        _check_items(pair_differences, self.num_workers, self.dim, "pair_differences")
-        num_pairs = pair_differences.shape[1]
-        if self.pairs_done + num_pairs > self.items_per_epoch:
-            raise ValueError(
-                f"{self.name}: {self.pairs_done} + {num_pairs} pairs exceed the epoch's {self.items_per_epoch}"
-            )
+        check_items(pair_differences, self.num_workers, self.dim, "pair_differences")
+        state, num_pairs = self.state, pair_differences.shape[1]
+        state.check_room(num_pairs, "pairs")
         diffs = pair_differences.to(torch.float32).numpy()
-        running_sums, balance, next_order, visit = (
-            self.running_sum.numpy(),
-            self.sign.balance,
-            self.next,
-            self._visit,
-        )
+        running_sums, balance, visit = state.running_sum.numpy(), state.sign.balance, state.visit
         for j in range(num_pairs):
-            pair = self.pairs_done + j
+            pair = state.done + j
             for w in range(self.num_workers):  # orderings.md: pair-major, rank-minor
                 s = 0 if self.coordinated else w
                 positive = balance(running_sums[s], diffs[w, j], s)
-                next_order.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], positive)
-        self.pairs_done += num_pairs
+                state.next.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], positive)
+        state.done += num_pairs
         self._place_middle_if_done()
 
     def _place_middle_if_done(self) -> None:
-        if self.shard_size % 2 and self.pairs_done == self.items_per_epoch and not self.next.is_complete():
+        state = self.state
+        if self.shard_size % 2 and state.done == self.items_per_epoch and not state.next.is_complete():
             for w in range(self.num_workers):
-                self.next.place_middle(w, self._visit[w][self.shard_size - 1])
+                state.next.place_middle(w, state.visit[w][self.shard_size - 1])
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "epoch": self.epoch,
-            "orders": self.orders.clone(),
-            "running_sum": self.running_sum.clone(),
-            "next": self.next.state_dict(),
-            "pairs_done": self.pairs_done,
+            **self.state.state_dict(),
             "units_seen": self.units_seen,
             "pending": None if self.stream.pending is None else self.stream.pending.clone(),
-            "sign": self.sign.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.orders = state["orders"].clone()
-        self._visit = self.orders.tolist()
-        self.running_sum = state["running_sum"].clone()
-        self.next.load_state_dict(state["next"])
-        self.pairs_done = int(state["pairs_done"])
+        self.state.load_state_dict(state)
         self.units_seen = int(state["units_seen"])
         self.stream.pending = None if state["pending"] is None else state["pending"].clone()
-        self.sign.load_state_dict(state["sign"])
-
-
-def _check_items(items: torch.Tensor, num_workers: int, dim: int, what: str) -> None:
-    if items.ndim != 3 or items.shape[0] != num_workers or items.shape[2] != dim:
-        raise ValueError(
-            f"{what} must have shape [num_workers={num_workers}, k, dim={dim}], got {tuple(items.shape)}"
-        )
 
 
 @register_ordering("cd-grab")
