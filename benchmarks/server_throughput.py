@@ -37,9 +37,10 @@ from _common import fmt, machine_line, markdown_table, median, parse_sizes, time
 
 from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer, encode_payload
 
-#: the cd-grab step time (seconds) of benchmarks/epoch_overhead.py, mnist-logreg, 4 workers, batch 64,
-#: on the 2-core machine of the README (the fastest step measured, hence the highest production rate)
-DEFAULT_STEP_SECONDS = 0.0136
+#: the fastest cd-grab step (seconds) that benchmarks/epoch_overhead.py measured with example units and
+#: microbatch 16 (8 pairs per worker step), 4 workers on the README's 2-core machine: mnist1d-logreg
+#: 6.7 ms (mnist-logreg: 8.2 ms); the fastest step gives the highest production rate
+DEFAULT_STEP_SECONDS = 0.0067
 
 
 @dataclass
@@ -118,13 +119,18 @@ def plain_loop_seconds(workload: Workload, epochs: int) -> float:
     return timed(run)
 
 
+def _process_time(server: OrderServer) -> float:
+    """CPU seconds of the process hosting ``server`` (all its threads), for ``__ray_call__``."""
+    return time.process_time()
+
+
 class InProcessBench:
     """``OrderServer`` (no Ray) driven by ``asyncio.run``; ``measure`` runs the next ``epochs`` epochs."""
 
     def __init__(self, workload: Workload, payload_dtype: str) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
         self.server = OrderServer("cd-grab", **workload.server_args(payload_dtype))
-        self.epoch = 0
+        self.epoch, self.cpu_seconds = 0, 0.0
 
     def measure(self, epochs: int) -> float:
         """Seconds to take ``epochs`` epochs of messages and give out every rank's next order."""
@@ -139,7 +145,10 @@ class InProcessBench:
                 for rank in range(num_workers):
                     await server.begin_epoch(epoch + 1, rank)
 
-        return timed(lambda: asyncio.run(drive()))
+        cpu_started = time.process_time()
+        seconds = timed(lambda: asyncio.run(drive()))
+        self.cpu_seconds = time.process_time() - cpu_started
+        return seconds
 
 
 class ActorBench:
@@ -157,7 +166,7 @@ class ActorBench:
         self.workload, self.payload_dtype = workload, payload_dtype
         self.max_in_flight, self.max_in_flight_bytes = max_in_flight, max_in_flight_bytes
         self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args(payload_dtype))
-        self.epoch = 0
+        self.epoch, self.cpu_seconds = 0, 0.0
 
     def ready(self) -> ray.ObjectRef:
         """A reference that resolves once the actor is up (its process started and imported orderlab)."""
@@ -169,6 +178,7 @@ class ActorBench:
         rounds = {e: self.workload.rounds(e, self.payload_dtype) for e in range(first, self.epoch)}
         server, num_workers = self.server, self.workload.num_workers
         limit = self.max_in_flight * num_workers
+        cpu_started = ray.get(self.server.__ray_call__.remote(_process_time))
         started = time.perf_counter()
         for epoch, batches in rounds.items():
             in_flight: deque = deque()
@@ -185,7 +195,9 @@ class ActorBench:
                         bytes_in_flight -= size
             ray.get([ref for ref, _ in in_flight])
             ray.get([server.begin_epoch.remote(epoch + 1, rank) for rank in range(num_workers)])
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.cpu_seconds = ray.get(self.server.__ray_call__.remote(_process_time)) - cpu_started
+        return seconds
 
     def close(self) -> None:
         ray.kill(self.server)
@@ -263,6 +275,7 @@ def capacity_table(args: argparse.Namespace, pair_costs: dict[int, float], dtype
             for key, bench in benches[dim].items():
                 seconds = bench.measure(args.epochs)
                 samples.setdefault((dim, *key), []).append(pairs / seconds)
+                samples.setdefault((dim, *key, "cpu"), []).append(1e6 * bench.cpu_seconds / pairs)
                 samples.setdefault((dim, *key, "ratio"), []).append(plain / seconds)
         print(f"  capacity repeat {repeat + 1}/{args.repeats} done", flush=True)
     for dim_benches in benches.values():
@@ -271,12 +284,15 @@ def capacity_table(args: argparse.Namespace, pair_costs: dict[int, float], dtype
     rows = []
     for dim in workloads:
         plain = median(samples[(dim, "plain")])
-        rows.append([f"{dim:.0e}", "plain numpy loop", "float32", fmt(plain), fmt(1e6 / plain), "1", "-"])
+        rows.append(
+            [f"{dim:.0e}", "plain numpy loop", "float32", fmt(plain), fmt(1e6 / plain), "-", "1", "-"]
+        )
         for kind, dtype in benches[dim]:
             rate = median(samples[(dim, kind, dtype)])
             ratio = median(samples[(dim, kind, dtype, "ratio")])
             goal = "met" if ratio >= 1.5 else "missed"
-            rows.append([f"{dim:.0e}", kind, dtype, fmt(rate), fmt(1e6 / rate), f"{ratio:.2f}", goal])
+            cpu = fmt(median(samples[(dim, kind, dtype, "cpu")]))
+            rows.append([f"{dim:.0e}", kind, dtype, fmt(rate), fmt(1e6 / rate), cpu, f"{ratio:.2f}", goal])
     print()
     print(
         f"Order-server capacity, cd-grab, W = {W}, median of {args.repeats} repeats, "
@@ -284,10 +300,21 @@ def capacity_table(args: argparse.Namespace, pair_costs: dict[int, float], dtype
         + ", ".join(f"{w.pairs_per_message} (d={d:.0e})" for d, w in workloads.items())
         + "; pairs per worker per epoch: "
         + ", ".join(f"{w.pairs_per_worker} (d={d:.0e})" for d, w in workloads.items())
-        + ". ours/plain: the median over repeats of plain seconds / server seconds for the same pairs."
+        + ". ours/plain: the median over repeats of plain seconds / server seconds for the same pairs; "
+        "server CPU µs/pair: CPU time of the process hosting the server (the driver in-process, all the "
+        "actor's threads for the actor) per pair, against its wall µs/pair."
     )
     print()
-    header = ["d", "server", "payload", "pairs/s", "µs/pair", "ours/plain", "≥ 1.5× plain"]
+    header = [
+        "d",
+        "server",
+        "payload",
+        "pairs/s",
+        "µs/pair",
+        "server CPU µs/pair",
+        "ours/plain",
+        "≥ 1.5× plain",
+    ]
     print(markdown_table(header, rows))
 
 
@@ -348,7 +375,7 @@ def scaling_table(args: argparse.Namespace, pair_costs: dict[int, float], dtypes
                 f"- d={dim:.0e} {dtype}: saturates at W = "
                 f"{saturated[0] if saturated else f'none up to {largest}'}; under 2× headroom from W = "
                 f"{short[0] if short else f'none up to {largest}'}; capacity at W={largest}: "
-                f"{fmt(capacity[largest])} pairs/s, the production of {capacity[largest] / per_worker_rate:.0f} workers"
+                f"{fmt(capacity[largest])} pairs/s, the production of {capacity[largest] / per_worker_rate:.2g} workers"
             )
 
 
@@ -364,7 +391,7 @@ def main() -> None:
         "--payload-dtypes", default="float32,float16", help="comma-separated payload_dtype values"
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs per measurement")
-    parser.add_argument("--target-seconds", type=float, default=1.2, help="rough seconds per measurement")
+    parser.add_argument("--target-seconds", type=float, default=1.0, help="rough seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the capacity table (median)")
     parser.add_argument(
         "--pairs-per-message", type=int, default=128, help="16 steps × microbatch 16 / 2 as workers send"
