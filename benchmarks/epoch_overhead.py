@@ -19,9 +19,9 @@ batch 16) when ``orderlab.tasks`` has them and the worker can run them; otherwis
 with the same unit, mnist1d-logreg (example units, batch 64 -> microbatch 16) and mnist1d-mlp
 (``train.unit=microbatch``, batch 64). ``--tasks all`` runs every one of them that can run.
 
-    python benchmarks/epoch_overhead.py              # the issue's tasks, or their stand-ins
-    python benchmarks/epoch_overhead.py --tasks all  # every task above that can run (the README's table)
-    python benchmarks/epoch_overhead.py --quick      # mnist1d-logreg only, 1 seed, 3 epochs
+    python benchmarks/epoch_overhead.py              # the issue's tasks, or their stand-ins (~41 min on 2 cores)
+    python benchmarks/epoch_overhead.py --tasks all  # every task above that can run (the README's table, ~48 min)
+    python benchmarks/epoch_overhead.py --quick      # mnist1d-logreg only, 1 seed, 3 epochs (~2 min)
     python benchmarks/epoch_overhead.py --tasks mnist-logreg --epochs 5
 """
 

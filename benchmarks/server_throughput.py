@@ -16,8 +16,8 @@ produce pairs, W × (microbatch / 2) / step_seconds. Every measurement runs whol
 pairs applied over wall seconds from the first message to the last order. Vectors come from a fixed
 pool of unit-norm random vectors (at most ``--pool-mib``), reused across messages.
 
-    python benchmarks/server_throughput.py            # the README's tables (about 4 minutes)
-    python benchmarks/server_throughput.py --quick    # smaller sizes, under a minute
+    python benchmarks/server_throughput.py            # the README's tables (5 minutes on 2 cores)
+    python benchmarks/server_throughput.py --quick    # d <= 1e5, W <= 16, 1 repeat (2-3 minutes)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ gradients (``orderlab.grads.per_example_gradients``) of mnist1d-logreg (and mnis
 ``orderlab.tasks`` has it) at the model's initial weights and after ``--sgd-steps`` SGD steps.
 Bytes per pair: what a worker sends per pair difference in float32 (d × 4 exact, m × 4 sketched).
 
-    python benchmarks/sketch_quality.py          # the README's table (about a minute)
+    python benchmarks/sketch_quality.py          # the README's table (about 2 minutes)
     python benchmarks/sketch_quality.py --quick  # d = 1024, n = 256, 2 seeds, 5 rounds
 """
 
