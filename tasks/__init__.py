@@ -170,6 +170,36 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def load_task_data(task: Task, data_dir: str | None, train_examples: int | None = None) -> TaskData:
+    """The task's data from its data directory (see ``resolve_data_dir``), optionally a training subset.
+
+    Args:
+        train_examples: keep this many training examples, a random subset fixed by seed 0 (the same
+            for every trial and worker) in the files' order; None keeps all.
+
+    Raises:
+        OrderlabError: missing or corrupt files; ``train_examples`` larger than the training set, or
+            set for a task whose examples are laid out from a token stream (use its ``train_tokens``).
+    """
+    data = task.load(resolve_data_dir(data_dir))
+    if train_examples is None:
+        return data
+    if data.extras:
+        raise OrderlabError(
+            f"task.train_examples does not apply to {task.name}, whose examples are laid out from a "
+            f"token stream; remove it and set task.options.train_tokens instead"
+        )
+    available = len(data.train_targets)
+    if train_examples > available:
+        raise OrderlabError(
+            f"task.train_examples={train_examples} exceeds the {available} training examples of {task.name}; "
+            f"lower it or remove it to train on all"
+        )
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.randperm(available, generator=generator)[:train_examples].sort().values
+    return TaskData(data.train_inputs[keep], data.train_targets[keep], data.val_inputs, data.val_targets)
+
+
 def verified_file(data_dir: Path, relative: str, sha256: str, source: str) -> Path:
     """The path of a data file after checking it exists and matches ``sha256``.
 
@@ -251,6 +281,7 @@ __all__ = [
     "make_task",
     "register_task",
     "reset_model_state",
+    "load_task_data",
     "resolve_data_dir",
     "verified_file",
 ]

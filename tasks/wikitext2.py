@@ -172,7 +172,9 @@ class WikiText2Lstm(TaskDefaults):
         train_tokens: int | None = None,
     ) -> None:
         if train_tokens is not None and train_tokens < 2 * bptt:
-            raise OrderlabError(f"task.options.train_tokens={train_tokens} must be at least 2 × bptt = {2 * bptt}")
+            raise OrderlabError(
+                f"task.options.train_tokens={train_tokens} must be at least 2 × bptt = {2 * bptt}"
+            )
         if min(bptt, embedding_size, hidden_size, num_layers, eval_columns) < 1 or not 0 <= dropout < 1:
             raise OrderlabError(
                 "task.options of wikitext2-lstm: bptt, embedding_size, hidden_size, num_layers and "

@@ -90,6 +90,7 @@ class TaskConfig(BaseModel):
     model_config = _MODEL_CONFIG
     name: str
     data_dir: str | None = None
+    train_examples: Int | None = Field(None, ge=1)  # a fixed random subset of the training set (seed 0)
     options: dict[str, Any] = {}  # validated by the task itself
 
     @field_validator("name")
@@ -142,6 +143,7 @@ class TrainConfig(BaseModel):
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     lr_base_batch_size: Int | None = Field(None, ge=1)
+    grad_clip: Float | None = Field(None, gt=0)  # max L2 norm of the averaged gradient (clip_grad_norm_)
     max_failures: Int = Field(0, ge=0)
 
     @property

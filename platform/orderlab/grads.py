@@ -138,8 +138,13 @@ def microbatch_gradient(
     return flat.to(torch.float32), loss.detach().to(torch.float32)
 
 
-def assign_flat_gradient(model: nn.Module, flat: torch.Tensor) -> None:
-    """Write ``flat`` [d] into the ``.grad`` of the model's trainable parameters, in order."""
+def assign_flat_gradient(model: nn.Module, flat: torch.Tensor, max_norm: float | None = None) -> None:
+    """Write ``flat`` [d] into the ``.grad`` of the model's trainable parameters, in order.
+
+    Args:
+        max_norm: when set, scale the gradient down to this L2 norm if it is longer
+            (``torch.nn.utils.clip_grad_norm_``; config ``train.grad_clip``).
+    """
     offset = 0
     for p in model.parameters():
         if p.requires_grad:
@@ -147,6 +152,8 @@ def assign_flat_gradient(model: nn.Module, flat: torch.Tensor) -> None:
             p.grad = flat[offset : offset + size].view_as(p).to(p.dtype).clone()
             offset += size
     assert offset == flat.numel(), "flat gradient length must equal num_parameters(model)"
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
 
 
 class CountSketch:

@@ -37,7 +37,7 @@ from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
 from orderlab.orderings import ordering_class
 from orderlab.server import RemoteOrderServer
-from orderlab.tasks import make_task, resolve_data_dir
+from orderlab.tasks import load_task_data, make_task
 from orderlab.worker import build_model, plan_trial, train_loop
 
 #: environment for every Ray process of a sweep; RAY_TRAIN_* reach the Train controller and workers
@@ -102,13 +102,14 @@ def inspect_tasks(points: list[ExperimentConfig]) -> dict[str, TaskFacts]:
     facts: dict[str, TaskFacts] = {}
     for point in points:
         source = json.dumps(
-            [point.task.name, point.task.options, point.task.data_dir, point.seed], default=str
+            [point.task.name, point.task.options, point.task.data_dir, point.task.train_examples, point.seed],
+            default=str,
         )
         if source not in loaded:
             task = make_task(point.task.name, point.task.options)
             loaded[source] = (
                 task,
-                task.load(resolve_data_dir(point.task.data_dir)),
+                load_task_data(task, point.task.data_dir, point.task.train_examples),
                 build_model(task, point.seed),
             )
         task, data, model = loaded[source]
@@ -200,7 +201,6 @@ def run_trial(
         first_epoch=cfg.ordering.first_epoch,
         balance=cfg.ordering.balance,
         balance_c=cfg.ordering.balance_c,
-        payload_dtype=cfg.ordering.payload_dtype,
     )
     resources = cfg.resources
     fs, fs_root = storage_location(cfg.storage)
@@ -247,7 +247,16 @@ def task_key(cfg: ExperimentConfig) -> str:
     """Trials with equal keys share a task's data, its layout over workers, and the model size."""
     task, train = cfg.task, cfg.train
     return json.dumps(
-        [task.name, task.options, task.data_dir, cfg.seed, train.num_workers, train.batch_size], default=str
+        [
+            task.name,
+            task.options,
+            task.data_dir,
+            task.train_examples,
+            cfg.seed,
+            train.num_workers,
+            train.batch_size,
+        ],
+        default=str,
     )
 
 

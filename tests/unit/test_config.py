@@ -151,7 +151,7 @@ def test_with_overrides_revalidates() -> None:
         ("train.lr_schedule.nam", "under train.lr_schedule", "name, step_size, gamma"),
         ("ordering.nme", "under ordering", "name, first_epoch, balance"),
         ("resources.cpus", "under resources", "cpus_per_worker, gpus_per_worker"),
-        ("task.nam", "under task", "name, data_dir, options"),
+        ("task.nam", "under task", "name, data_dir, train_examples, options"),
     ],
 )
 def test_unknown_key_names_dotted_key_and_valid_keys(key: str, level: str, valid: str) -> None:

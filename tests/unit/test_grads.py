@@ -161,6 +161,17 @@ def test_assign_flat_gradient_skips_frozen_parameters() -> None:
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in trainable]), flat, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_assign_flat_gradient_clips_the_global_norm(scale: float) -> None:
+    model = mlp()
+    flat = torch.randn(num_parameters(model), generator=torch.Generator().manual_seed(4))
+    flat *= scale / float(flat.norm())  # norm 0.1 (left alone) or 10 (clipped to 0.25)
+    assign_flat_gradient(model, flat, max_norm=0.25)
+    assigned = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    expected = flat if scale < 0.25 else flat * (0.25 / float(flat.norm()))
+    torch.testing.assert_close(assigned, expected, rtol=1e-5, atol=1e-7)
+
+
 class NormNet(nn.Module):
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()

@@ -19,7 +19,15 @@ from orderlab.config import load_config, validate_grid
 from orderlab.data import check_files
 from orderlab.errors import OrderlabError
 from orderlab.grads import microbatch_gradient, num_parameters, per_example_gradients
-from orderlab.tasks import TASKS, TaskData, TaskDefaults, make_task, reset_model_state, wikitext2
+from orderlab.tasks import (
+    TASKS,
+    TaskData,
+    TaskDefaults,
+    load_task_data,
+    make_task,
+    reset_model_state,
+    wikitext2,
+)
 from orderlab.tasks.files import FILES, files_of
 from orderlab.tasks.m4 import load_series, make_windows
 from orderlab.tasks.wikitext2 import TRAIN_TOKENS, load_corpus, streams_from_chunks
@@ -482,3 +490,26 @@ def test_wikitext2_train_tokens_is_a_prefix_subset(data_dir):
     assert torch.equal(subset.val_inputs, full.val_inputs)
     with pytest.raises(OrderlabError, match="train_tokens"):
         make_task("wikitext2-lstm", {"train_tokens": 10})
+
+
+def test_train_examples_is_a_fixed_subset_in_file_order(m4, data_dir):
+    task = make_task("m4-mlp")
+    subset = load_task_data(task, str(data_dir), 1000)
+    again = load_task_data(task, str(data_dir), 1000)
+    assert subset.train_inputs.shape == (1000, *m4.train_inputs.shape[1:])
+    assert torch.equal(subset.train_inputs, again.train_inputs)  # the same for every trial and worker
+    # rows of the full set, in the files' order, spread over it rather than a prefix
+    full_rows = {tuple(row.tolist()) for row in m4.train_inputs}
+    assert all(tuple(row.tolist()) in full_rows for row in subset.train_inputs[:50])
+    positions = [i for i, row in enumerate(m4.train_inputs) if torch.equal(row, subset.train_inputs[-1])]
+    assert positions and positions[0] > len(m4.train_inputs) // 2
+    assert torch.equal(subset.val_inputs, m4.val_inputs)  # validation is never subset
+    whole = load_task_data(task, str(data_dir), None)
+    assert torch.equal(whole.train_inputs, m4.train_inputs)
+
+
+def test_train_examples_errors_name_the_field(data_dir):
+    with pytest.raises(OrderlabError, match=r"task.train_examples=10000 exceeds the 1437"):
+        load_task_data(make_task("digits-logreg"), str(data_dir), 10_000)
+    with pytest.raises(OrderlabError, match="task.options.train_tokens"):
+        load_task_data(make_task("wikitext2-lstm"), str(data_dir), 100)
