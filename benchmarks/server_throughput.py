@@ -83,13 +83,12 @@ class Workload:
             k += 1
         return rounds
 
-    def server_args(self, payload_dtype: str) -> dict:
+    def server_args(self) -> dict:
         return dict(
             num_workers=self.num_workers,
             shard_size=2 * self.pairs_per_worker,
             dim=self.dim,
             seed=0,
-            payload_dtype=payload_dtype,
         )
 
 
@@ -129,7 +128,7 @@ class InProcessBench:
 
     def __init__(self, workload: Workload, payload_dtype: str) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
-        self.server = OrderServer("cd-grab", **workload.server_args(payload_dtype))
+        self.server = OrderServer("cd-grab", **workload.server_args())
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def measure(self, epochs: int) -> float:
@@ -165,7 +164,7 @@ class ActorBench:
     ) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
         self.max_in_flight, self.max_in_flight_bytes = max_in_flight, max_in_flight_bytes
-        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args(payload_dtype))
+        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args())
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def ready(self) -> ray.ObjectRef:

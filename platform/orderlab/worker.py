@@ -43,8 +43,8 @@ from orderlab.grads import (
 from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
 from orderlab.seeding import DATA, MODEL, rng_for, seed_for
-from orderlab.server import OrderMessage, encode_payload
-from orderlab.tasks import Task, TaskData, make_task, reset_model_state, resolve_data_dir
+from orderlab.server import PAYLOAD_DTYPES, OrderMessage, to_wire
+from orderlab.tasks import Task, TaskData, load_task_data, make_task, reset_model_state
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -170,8 +170,11 @@ class Shard:
 class ServerMessenger:
     """Batches a worker's reductions into keyed messages with a bounded number in flight.
 
-    Per step: sketch the unit gradients (optional), form pair differences (pair orderings), queue
-    them; every ``message_steps`` steps, encode the queue in ``payload_dtype`` and send it.
+    Per step: form pair differences (pair orderings), sketch them (optional), and write them in
+    ``payload_dtype`` into a send buffer that stays on the device; every ``message_steps`` steps,
+    send the buffered rows (on CPU a view of the buffer: Ray copies arguments when a call is made,
+    so the buffer is reused at once). A pair difference is written once, straight from the two
+    unit gradients.
     """
 
     def __init__(
@@ -190,25 +193,24 @@ class ServerMessenger:
         self.generation = 0  # set from OrderServer.reset when the worker group starts
         self.in_flight: deque = deque()
         self.pairs = PairStream()
+        self.send_buffer: torch.Tensor | None = None  # [capacity, d or sketch_dim] in the payload dtype
         self.begin_epoch(0)
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch, self.items_sent, self.bytes_sent, self.wait_seconds = epoch, 0, 0, 0.0
-        self.buffer: list[torch.Tensor] = []
-        self.steps_buffered = 0
+        self.rows_buffered = self.steps_buffered = 0
         self.pairs.reset()  # odd shard size: the last unit pairs with nothing
 
     def add(self, unit_grads: torch.Tensor) -> None:
-        """Queue one step's unit gradients [k, d]; send when ``message_steps`` steps are queued."""
-        if self.sketch is not None:
-            unit_grads = self.sketch(unit_grads)
-        items = (
-            self.pairs.push(unit_grads.unsqueeze(0))[0]
-            if self.message_kind == "pair_differences"
-            else unit_grads
-        )
-        if len(items):
-            self.buffer.append(items.detach())  # stays on the device until the message is sent
+        """Queue one step's unit gradients [k, d]; send when ``message_steps`` steps are queued.
+
+        ``unit_grads`` must not be written to afterwards (an unpaired unit is kept as a view).
+        """
+        if self.message_kind == "pair_differences":
+            for firsts, seconds in self.pairs.pairs(unit_grads):
+                self._write(firsts, seconds)
+        elif len(unit_grads):
+            self._write(unit_grads)
         self.steps_buffered += 1
         if self.steps_buffered >= self.message_steps:
             self._send()
@@ -221,16 +223,35 @@ class ServerMessenger:
         self.in_flight.clear()
         self.wait_seconds += time.perf_counter() - started
 
+    def _write(self, rows: torch.Tensor, subtract: torch.Tensor | None = None) -> None:
+        """Append ``rows`` [p, d] (minus ``subtract`` [p, d] when given) to the send buffer."""
+        if self.sketch is not None:
+            rows, subtract = self.sketch(rows if subtract is None else rows - subtract), None
+        target = self._reserve(len(rows), rows.shape[1], rows.device)
+        if subtract is None:
+            target.copy_(rows)
+        else:
+            torch.sub(rows, subtract, out=target)
+
+    def _reserve(self, count: int, width: int, device: torch.device) -> torch.Tensor:
+        """The next ``count`` rows of the send buffer, growing it (and keeping its rows) when full."""
+        needed = self.rows_buffered + count
+        if self.send_buffer is None or len(self.send_buffer) < needed:
+            grown = torch.empty(2 * needed, width, dtype=PAYLOAD_DTYPES[self.payload_dtype], device=device)
+            if self.rows_buffered:
+                grown[: self.rows_buffered] = self.send_buffer[: self.rows_buffered]
+            self.send_buffer = grown
+        self.rows_buffered = needed
+        return self.send_buffer[needed - count : needed]
+
     def _send(self) -> None:
         self.steps_buffered = 0
-        if not self.buffer:
+        if not self.rows_buffered:
             return
-        items = encode_payload(
-            torch.cat(self.buffer).cpu().numpy(), self.payload_dtype
-        )  # one copy per message
-        self.buffer = []
+        items = to_wire(self.send_buffer[: self.rows_buffered])  # one device-to-host copy on GPUs
+        self.rows_buffered = 0
         message = OrderMessage(self.epoch, self.items_sent, self.rank, items, self.generation)
-        self.in_flight.append(self.server.push.remote([message]))
+        self.in_flight.append(self.server.push.remote([message]))  # Ray copies items here
         self.items_sent += len(items)
         self.bytes_sent += items.nbytes
         if len(self.in_flight) > self.max_in_flight:
@@ -278,7 +299,7 @@ class WorkerLoop:
         torch.set_num_threads(self.cfg.resources.num_threads)
         self.device = ray.train.torch.get_device()
         self.task = make_task(self.cfg.task.name, self.cfg.task.options)
-        data = self.task.load(resolve_data_dir(self.cfg.task.data_dir))
+        data = load_task_data(self.task, self.cfg.task.data_dir, self.cfg.task.train_examples)
         data = self.task.arrange(data, self.plan.num_workers, self.cfg.train.microbatch_size)
         self.shard = Shard(data, self.plan, self.rank, self.device)
         self.model = build_model(self.task, self.cfg.seed).to(self.device)
@@ -368,7 +389,7 @@ class WorkerLoop:
                 what = "gradient" if bool(torch.isfinite(reduced[-1])) else "loss"
                 diverged = f"non-finite {what} at epoch {epoch}, step {step}"
                 break
-            assign_flat_gradient(self.model, reduced[:-1] / self.plan.num_workers)
+            assign_flat_gradient(self.model, reduced[:-1] / self.plan.num_workers, self.cfg.train.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             if unit_grads is not None:

@@ -27,8 +27,7 @@ def test_payload_round_trip_is_the_rounded_value(payload_dtype, bytes_per_value,
 def test_server_balances_the_widened_payload(payload_dtype):
     num_workers, shard_size, dim = 2, 10, 6
     grads = torch.randn(num_workers, shard_size, dim, generator=torch.Generator().manual_seed(1))
-    server = OrderServer("cd-grab", num_workers=num_workers, shard_size=shard_size, dim=dim, seed=0,
-                         payload_dtype=payload_dtype)  # fmt: skip
+    server = OrderServer("cd-grab", num_workers=num_workers, shard_size=shard_size, dim=dim, seed=0)
     reference = make_ordering("cd-grab", num_workers=num_workers, shard_size=shard_size, dim=dim, seed=0)
     orders = reference.begin_epoch()
 

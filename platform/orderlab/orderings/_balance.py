@@ -6,10 +6,15 @@ The sign rule and slot writer live here once; grab, pair-balance and cd-grab cal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from orderlab.seeding import BALANCE, ORDER, rng_for
 
@@ -64,12 +69,98 @@ class SignRule:
             running_sum -= vector
         return positive
 
+    def balance_rows(
+        self, running_sum: np.ndarray, arrays: Sequence[np.ndarray], sum_index: int
+    ) -> np.ndarray:
+        """Balance row j of every array in turn, j-major (``arrays[0][0], arrays[1][0], ..., arrays[0][1]``).
+
+        Args:
+            running_sum: float32 [d], updated in place. arrays: C-contiguous float32 [k, d] each.
+            sum_index: which running sum this is (selects the probabilistic rule's generator).
+
+        Returns:
+            bool [k, len(arrays)]: ε = +1 per vector. The same signs and the same running sum as
+            ``balance`` on each vector in that sequence, up to the inner product's rounding: the
+            deterministic rule runs ``fused_balance``, one pass per vector.
+        """
+        if not self.probabilistic:
+            return fused_balance(running_sum, tuple(arrays))
+        arrays = [widen(array) for array in arrays]
+        positive = np.empty((len(arrays[0]), len(arrays)), dtype=np.bool_)
+        for j in range(len(arrays[0])):
+            for a, array in enumerate(arrays):
+                positive[j, a] = self.balance(running_sum, array[j], sum_index)
+        return positive
+
     def state_dict(self) -> dict[str, Any]:
         return {"generators": [g.get_state() for g in self.generators]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for g, s in zip(self.generators, state["generators"], strict=True):
             g.set_state(s)
+
+
+@intrinsic
+def _to_float32(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compiled by numba
+    """One item coordinate as float32: float32 as is, uint16 as float16 bits, int16 as bfloat16 bits."""
+    if value not in (types.float32, types.uint16, types.int16):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        (bits,) = args
+        if value == types.float32:
+            return bits
+        if value == types.uint16:  # IEEE half: LLVM's fpext, vcvtph2ps where the CPU has F16C
+            return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+        widened = builder.shl(builder.zext(bits, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(widened, ir.FloatType())  # bfloat16 is the top half of a float32
+
+    return types.float32(value), codegen
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:  # pragma: no cover
+    """The deterministic sign rule over a sequence of vectors with one pass over memory per vector.
+
+    The sequence is row j of every array in turn, j-major. The update r ± v of one vector and the
+    inner product <r, v'> of the next are one loop, so r and each v are read once per vector
+    instead of twice (the plain rule's inner product, then its update), and float16/bfloat16
+    payloads are widened in registers, never copied. r stays float32 and gets exactly the plain
+    rule's sums; the inner product accumulates in float64 (vectorised, so its rounding differs from
+    a sequential sum). Compiled by numba on first use and cached on disk.
+
+    Args:
+        running_sum: float32 [d], updated in place.
+        arrays: C-contiguous [k, d] each, all float32, or all uint16 (float16 bits), or all int16
+            (bfloat16 bits) — the order server's wire formats, see ``rank_arrays``.
+
+    Returns:
+        bool [k, len(arrays)]: True where ε = +1, i.e. <r, v> < 0 (docs/orderings.md; a tie gives -1).
+    """
+    num_arrays, num_rows, dim = len(arrays), arrays[0].shape[0], running_sum.shape[0]
+    positive = np.empty((num_rows, num_arrays), dtype=np.bool_)
+    if num_rows == 0:
+        return positive
+    inner = 0.0
+    first = arrays[0][0]
+    for i in range(dim):
+        inner += np.float64(running_sum[i]) * np.float64(_to_float32(first[i]))
+    for j in range(num_rows):
+        for a in range(num_arrays):
+            vector = arrays[a][j]
+            positive[j, a] = inner < 0.0
+            sign = np.float32(1.0) if inner < 0.0 else np.float32(-1.0)
+            if j == num_rows - 1 and a == num_arrays - 1:
+                for i in range(dim):
+                    running_sum[i] += sign * _to_float32(vector[i])
+            else:
+                following = arrays[a + 1][j] if a + 1 < num_arrays else arrays[0][j + 1]
+                inner = 0.0
+                for i in range(dim):
+                    updated = running_sum[i] + sign * _to_float32(vector[i])
+                    running_sum[i] = updated
+                    inner += np.float64(updated) * np.float64(_to_float32(following[i]))
+    return positive
 
 
 class NextOrder:
@@ -206,33 +297,96 @@ class BalancingEpochs:
         self.sign.load_state_dict(state["sign"])
 
 
-def check_items(items: torch.Tensor, num_workers: int, dim: int, what: str) -> None:
-    """Raise ValueError unless ``items`` is [num_workers, k, dim]."""
-    if items.ndim != 3 or items.shape[0] != num_workers or items.shape[2] != dim:
-        raise ValueError(
-            f"{what} must have shape [num_workers={num_workers}, k, dim={dim}], got {tuple(items.shape)}"
-        )
+Items = torch.Tensor | Sequence[np.ndarray | torch.Tensor]
+
+
+def _as_rows(item: np.ndarray | torch.Tensor) -> np.ndarray:
+    """One worker's items as a C-contiguous array: float32, uint16 (float16 bits) or int16 (bfloat16 bits)."""
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        if item.dtype == torch.bfloat16:
+            item = item.view(torch.int16)
+        elif item.dtype != torch.float16:
+            item = item.to(torch.float32)
+        item = item.contiguous().numpy()
+    if item.dtype == np.float16:
+        return np.ascontiguousarray(item).view(np.uint16)
+    if item.dtype in (np.uint16, np.int16):
+        return np.ascontiguousarray(item)
+    return np.ascontiguousarray(item, dtype=np.float32)
+
+
+def widen(rows: np.ndarray) -> np.ndarray:
+    """Rows in a ``rank_arrays`` format as float32 (a copy unless they are float32 already)."""
+    if rows.dtype == np.uint16:
+        return rows.view(np.float16).astype(np.float32)
+    if rows.dtype == np.int16:
+        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return rows
+
+
+def rank_arrays(
+    items: Items, num_workers: int, dim: int, what: str, float32: bool = False
+) -> list[np.ndarray]:
+    """Every worker's items as a C-contiguous numpy array [k, dim], without copies where possible.
+
+    Args:
+        items: a tensor [num_workers, k, dim], or one array or tensor [k, dim] per worker (what the
+            order server holds, so no stacking copy is made). float32 stays float32; float16 comes
+            back as its uint16 bits and bfloat16 (a torch tensor, or int16 bits: the wire format)
+            as int16 bits, which ``fused_balance`` widens in registers; other dtypes become float32.
+        float32: widen everything to float32 (for code that does numpy arithmetic on the rows).
+
+    Raises:
+        ValueError: not num_workers items, or an item not [k, dim] with the same k for all.
+    """
+    if len(items) != num_workers or isinstance(items, torch.Tensor) and items.ndim != 3:
+        shape = tuple(items.shape) if isinstance(items, torch.Tensor) else f"{len(items)} items"
+        raise ValueError(f"{what} must have shape [num_workers={num_workers}, k, dim={dim}], got {shape}")
+    arrays = [_as_rows(item) for item in items]
+    if any(a.ndim != 2 or a.shape != arrays[0].shape or a.shape[1] != dim for a in arrays):
+        shapes = sorted({a.shape for a in arrays})
+        raise ValueError(f"{what} must be [k, dim={dim}] per worker with one k for all, got {shapes}")
+    if float32 or len({a.dtype for a in arrays}) > 1:
+        arrays = [widen(a) for a in arrays]
+    return arrays
 
 
 class PairStream:
     """Turns a stream of unit gradients, in visiting order, into pair differences v = g_first - g_second.
 
     Pairs may straddle ``push`` calls (and so training steps): an unpaired unit is kept until its
-    partner arrives. Used by ``pair-balance``/``cd-grab``'s ``observe`` and by workers, which send
+    partner arrives, as a view of the tensor it came in, so callers must not write to pushed
+    tensors afterwards. Used by ``pair-balance``/``cd-grab``'s ``observe`` and by workers, which send
     differences instead of gradients to halve the traffic.
     """
 
     def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None  # [num_workers, d]: first unit of an open pair
+        self.pending: torch.Tensor | None = None  # [..., d]: first unit of an open pair
+
+    def pairs(self, grads: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Add ``grads`` [..., k, d]; return the completed pairs as (firsts, seconds) views [..., p, d].
+
+        At most two blocks: the pair that straddles the previous call, then this call's pairs. No
+        copies are made, so the caller can difference straight into a buffer of its own.
+        """
+        blocks = []
+        if self.pending is not None and grads.shape[-2] > 0:
+            blocks.append((self.pending.unsqueeze(-2), grads[..., :1, :]))
+            grads, self.pending = grads[..., 1:, :], None
+        num_paired = grads.shape[-2] - grads.shape[-2] % 2
+        if num_paired:
+            blocks.append((grads[..., 0:num_paired:2, :], grads[..., 1:num_paired:2, :]))
+        if grads.shape[-2] % 2:
+            self.pending = grads[..., -1, :]
+        return blocks
 
     def push(self, grads: torch.Tensor) -> torch.Tensor:
-        """Add ``grads`` [num_workers, k, d]; return the completed pairs' differences [num_workers, p, d]."""
-        if self.pending is not None:
-            grads = torch.cat([self.pending.unsqueeze(1), grads], dim=1)
-        num_units = grads.shape[1]
-        num_paired = num_units - num_units % 2
-        self.pending = grads[:, num_paired].clone() if num_units % 2 else None
-        return grads[:, 0:num_paired:2] - grads[:, 1:num_paired:2]
+        """Add ``grads`` [..., k, d]; return the completed pairs' differences [..., p, d]."""
+        blocks = self.pairs(grads)
+        if not blocks:
+            return grads[..., :0, :]
+        return torch.cat([firsts - seconds for firsts, seconds in blocks], dim=-2)
 
     def reset(self) -> None:
         """Drop an unpaired unit (odd shard size: the last unit pairs with nothing)."""

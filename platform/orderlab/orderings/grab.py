@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from orderlab.orderings import register_ordering
-from orderlab.orderings._balance import BalancingEpochs, check_items
+from orderlab.orderings._balance import BalancingEpochs, Items, rank_arrays
 
 
 @register_ordering("grab")
@@ -75,16 +75,18 @@ class MeanBalance:
         self.gradient_sum.zero_()
         return orders
 
-    def observe(self, grads: torch.Tensor) -> None:
-        """Balance the next k units of every worker. grads: [num_workers, k, dim], visiting order.
+    def observe(self, grads: Items) -> None:
+        """Balance the next k units of every worker, in visiting order.
+
+        Args:
+            grads: [num_workers, k, dim], or one [k, dim] per worker (see ``rank_arrays``).
 
         Raises:
             ValueError: wrong shape, or more units than the epoch has.
         """
-        check_items(grads, self.num_workers, self.dim, "grads")
-        state, num_units = self.state, grads.shape[1]
+        grads = rank_arrays(grads, self.num_workers, self.dim, "grads", float32=True)
+        state, num_units = self.state, len(grads[0])
         state.check_room(num_units, "units")
-        grads = grads.to(torch.float32).numpy()
         running_sums, stale_means, sums = (
             state.running_sum.numpy(),
             self.stale_mean.numpy(),
@@ -93,9 +95,9 @@ class MeanBalance:
         for j in range(num_units):
             position = state.done + j
             for w in range(self.num_workers):
-                positive = state.sign.balance(running_sums[w], grads[w, j] - stale_means[w], w)
+                positive = state.sign.balance(running_sums[w], grads[w][j] - stale_means[w], w)
                 state.next.place_unit(w, state.visit[w][position], positive)
-                sums[w] += grads[w, j]  # sequential float32 sum, as grab-sampler's stale-mean estimator
+                sums[w] += grads[w][j]  # sequential float32 sum, as grab-sampler's stale-mean estimator
         state.done += num_units
 
     observe_items = observe

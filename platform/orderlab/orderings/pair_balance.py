@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from orderlab.orderings import register_ordering
-from orderlab.orderings._balance import BalancingEpochs, PairStream, check_items
+from orderlab.orderings._balance import BalancingEpochs, Items, PairStream, rank_arrays
 
 
 @register_ordering("pair-balance")
@@ -81,45 +82,52 @@ class PairBalance:
         self._place_middle_if_done()
         return orders
 
-    def observe(self, grads: torch.Tensor) -> None:
-        """Balance the next k units of every worker. grads: [num_workers, k, dim], visiting order.
+    def observe(self, grads: Items) -> None:
+        """Balance the next k units of every worker, in visiting order.
 
-        The epoch's last unit of an odd-sized shard pairs with nothing: it must be observed, but
-        only takes the middle slot.
+        Args:
+            grads: [num_workers, k, dim], or one [k, dim] per worker (see ``rank_arrays``). The epoch's
+                last unit of an odd-sized shard pairs with nothing: it must be observed, but only
+                takes the middle slot.
 
         Raises:
             ValueError: wrong shape, or more units than the shard has.
         """
-        check_items(grads, self.num_workers, self.dim, "grads")
-        if self.units_seen + grads.shape[1] > self.shard_size:
+        units = rank_arrays(grads, self.num_workers, self.dim, "grads", float32=True)
+        num_units = len(units[0])
+        if self.units_seen + num_units > self.shard_size:
             raise ValueError(
-                f"{self.name}: {self.units_seen} + {grads.shape[1]} units exceed the shard's {self.shard_size}"
+                f"{self.name}: {self.units_seen} + {num_units} units exceed the shard's {self.shard_size}"
             )
-        self.units_seen += grads.shape[1]
-        self.observe_items(self.stream.push(grads.to(torch.float32)))
+        self.units_seen += num_units
+        self.observe_items(self.stream.push(torch.from_numpy(np.stack(units))))
 
-    def observe_items(self, pair_differences: torch.Tensor) -> None:
+    def observe_items(self, pair_differences: Items) -> None:
         """Balance the next p pairs of every worker.
 
         Args:
-            pair_differences: [num_workers, p, dim], any float dtype (float16/bfloat16 payloads are
-                widened; the running sum stays float32): v = g(position 2q) - g(position 2q+1)
-                for the epoch's next pair indices q.
+            pair_differences: [num_workers, p, dim], or one [p, dim] per worker (see
+                ``rank_arrays``), any float dtype (float16/bfloat16 payloads are widened; the
+                running sum stays float32): v = g(position 2q) - g(position 2q+1) for the epoch's
+                next pair indices q.
 
         Raises:
             ValueError: wrong shape, or more pairs than the epoch has.
         """
-        check_items(pair_differences, self.num_workers, self.dim, "pair_differences")
-        state, num_pairs = self.state, pair_differences.shape[1]
+        diffs = rank_arrays(pair_differences, self.num_workers, self.dim, "pair_differences")
+        state, num_pairs = self.state, len(diffs[0])
         state.check_room(num_pairs, "pairs")
-        diffs = pair_differences.to(torch.float32).numpy()
-        running_sums, balance, visit = state.running_sum.numpy(), state.sign.balance, state.visit
+        running_sums, balance_rows, visit = state.running_sum.numpy(), state.sign.balance_rows, state.visit
+        if self.coordinated:  # orderings.md: one sum, pair-major, rank-minor
+            positive = balance_rows(running_sums[0], diffs, 0)
+        else:  # independent sums: each worker's pairs in order
+            positive = np.concatenate(
+                [balance_rows(running_sums[w], [diffs[w]], w) for w in range(len(diffs))], 1
+            )
         for j in range(num_pairs):
             pair = state.done + j
-            for w in range(self.num_workers):  # orderings.md: pair-major, rank-minor
-                s = 0 if self.coordinated else w
-                positive = balance(running_sums[s], diffs[w, j], s)
-                state.next.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], positive)
+            for w in range(self.num_workers):
+                state.next.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], bool(positive[j, w]))
         state.done += num_pairs
         self._place_middle_if_done()
 

@@ -1,0 +1,85 @@
+"""The worker's ServerMessenger: pair differences written once into a reused send buffer."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from orderlab.grads import CountSketch
+from orderlab.orderings._balance import PairStream
+from orderlab.server import decode_payload, encode_payload
+from orderlab.worker import ServerMessenger
+
+
+class RecordingServer:
+    """Stands in for the order server actor's handle: like Ray, it copies the arguments at call time."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.push = self
+
+    def remote(self, messages: list) -> None:
+        self.messages.extend(copy.deepcopy(messages))
+
+
+def run_messenger(steps: list[torch.Tensor], **kwargs) -> tuple[RecordingServer, ServerMessenger]:
+    server = RecordingServer()
+    messenger = ServerMessenger(server, rank=1, max_in_flight=1000, **kwargs)
+    messenger.generation = 3
+    for step in steps:
+        messenger.add(step)
+    messenger._send()  # what flush sends before it waits on the replies
+    return server, messenger
+
+
+@pytest.mark.parametrize("units_per_step", [1, 3, 4])
+@pytest.mark.parametrize("payload_dtype", ["float32", "float16", "bfloat16"])
+def test_pair_differences_arrive_keyed_and_in_order(units_per_step: int, payload_dtype: str) -> None:
+    generator = torch.Generator().manual_seed(units_per_step)
+    steps = [torch.randn(units_per_step, 10, generator=generator) for _ in range(7)]
+    server, messenger = run_messenger(
+        steps, message_kind="pair_differences", message_steps=2, payload_dtype=payload_dtype
+    )
+    expected = PairStream().push(torch.cat(steps).unsqueeze(0))[0]  # 7k units: floor(7k / 2) pairs
+    starts = [m.start for m in server.messages]
+    assert starts == [0, *np.cumsum([len(m.items) for m in server.messages])[:-1].tolist()]
+    assert {(m.epoch, m.rank, m.generation) for m in server.messages} == {(0, 1, 3)}
+    received = torch.cat([decode_payload(m.items, payload_dtype) for m in server.messages])
+    wire = decode_payload(encode_payload(expected.numpy(), payload_dtype), payload_dtype)
+    assert torch.equal(received, wire)  # the same rounding as encoding the exact differences
+    assert messenger.items_sent == len(expected)
+    assert messenger.bytes_sent == sum(m.items.nbytes for m in server.messages)
+
+
+def test_unit_gradients_are_sent_whole_and_sketched() -> None:
+    generator = torch.Generator().manual_seed(0)
+    steps = [torch.randn(2, 50, generator=generator) for _ in range(5)]
+    sketch = CountSketch(50, 8, seed=0)
+    server, _ = run_messenger(steps, message_kind="unit_gradients", message_steps=3, sketch=sketch)
+    assert [len(m.items) for m in server.messages] == [6, 4]
+    received = torch.cat([torch.from_numpy(m.items) for m in server.messages])
+    torch.testing.assert_close(received, sketch(torch.cat(steps)))
+
+
+def test_sketched_pair_differences_are_the_sketch_of_the_difference() -> None:
+    generator = torch.Generator().manual_seed(1)
+    steps = [torch.randn(1, 40, generator=generator) for _ in range(6)]
+    sketch = CountSketch(40, 16, seed=3)
+    server, _ = run_messenger(steps, message_kind="pair_differences", message_steps=4, sketch=sketch)
+    received = torch.cat([torch.from_numpy(m.items) for m in server.messages])
+    units = torch.cat(steps)
+    torch.testing.assert_close(received, sketch(units[0::2] - units[1::2]))
+    assert received.shape == (3, 16)
+
+
+def test_an_epoch_boundary_drops_the_unpaired_unit() -> None:
+    server = RecordingServer()
+    messenger = ServerMessenger(server, 0, "pair_differences", message_steps=1, max_in_flight=1000)
+    messenger.add(torch.ones(3, 4))  # units 0-1 pair; unit 2 waits
+    messenger.begin_epoch(1)
+    messenger.add(torch.full((2, 4), 5.0))
+    assert [(m.epoch, m.start, len(m.items)) for m in server.messages] == [(0, 0, 1), (1, 0, 1)]
+    assert not server.messages[1].items.any()  # 5 - 5, not the dropped unit's 1 - 5
