@@ -11,7 +11,7 @@ CD-GraB authors' 1.45× (LSTM, microbatch units) to 2.0× (HMDA logistic regress
 Then the anatomy of one worker step, measured in this process with one torch thread (no Ray Train):
 the unit gradients each ordering needs (microbatch backward for rr; per-example ``vmap`` gradients
 for cd-grab with example units), the optimizer step, and the worker-side messaging per step
-(``ServerMessenger.add``: sketch, pair differences, encode, ``push.remote`` every 16 steps to a real
+(``ServerMessenger.add``: pair differences, sketch, encode, ``push.remote`` every 16 steps to a real
 order-server actor), beside the all-reduce and order-wait seconds per step of the sweep.
 
 Tasks: the issue's mnist-logreg (example units, batch 64) and wikitext2-lstm (microbatch units,
@@ -336,7 +336,6 @@ def step_anatomy(task_name: str, num_steps: int) -> dict[str, float]:
             shard_size=steps * units_per_step,
             dim=sketch_dim or dim,
             seed=0,
-            payload_dtype=payload_dtype,
         )
         ray.get(server.begin_epoch.remote(0, 0))
         sketch = CountSketch(dim, sketch_dim, 0) if sketch_dim else None

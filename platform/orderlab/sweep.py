@@ -385,7 +385,8 @@ def sweep(
     space = grid_search_space(
         {**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}}
     )
-    base = config_to_dict(cfg.with_overrides({"sweep": {}}))
+    # trials run in their own working directories: they get the storage resolved here
+    base = config_to_dict(cfg.with_overrides({"sweep": {}, "storage": root}))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
         # trial drivers and their order servers go to the head node when the cluster marks it

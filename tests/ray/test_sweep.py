@@ -94,7 +94,7 @@ def test_summary_compares_against_the_baseline(two_trial_sweep):
 def test_cli_run_end_to_end_and_sql(ray_cluster, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address}
-    storage = tmp_path / "cli"
+    storage = "cli"  # relative to the command's directory, as a user writes it; trials run elsewhere
     cli = [sys.executable, "-m", "orderlab"]
     run = subprocess.run(
         [
@@ -112,6 +112,7 @@ def test_cli_run_end_to_end_and_sql(ray_cluster, tmp_path):
         text=True,
         env=env,
         timeout=300,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "grab" in run.stdout and "final train loss" in run.stdout
@@ -119,7 +120,7 @@ def test_cli_run_end_to_end_and_sql(ray_cluster, tmp_path):
         [
             *cli,
             "results",
-            str(storage),
+            str(tmp_path / storage),
             "--sql",
             "SELECT ordering, count(*) AS n FROM epochs JOIN trials USING (trial_id) GROUP BY ALL",
         ],

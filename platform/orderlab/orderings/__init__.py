@@ -9,7 +9,8 @@ Every ordering follows one small protocol::
 
 Orderings that need gradients also accept worker-side reductions through ``observe_items``
 (pair differences for ``pair-balance``/``cd-grab``, raw unit gradients for ``grab``); the
-``message_kind`` attribute says which.
+``message_kind`` attribute says which. Both take a tensor [num_workers, k, dim] or one array
+[k, dim] per worker, float32 or a half-precision wire format (``_balance.rank_arrays``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from orderlab.errors import OrderlabError
+from orderlab.orderings._balance import Items
 
 MessageKind = Literal["none", "unit_gradients", "pair_differences"]
 
@@ -39,9 +41,9 @@ class Ordering(Protocol):
 
     def begin_epoch(self) -> torch.Tensor: ...
 
-    def observe(self, grads: torch.Tensor) -> None: ...
+    def observe(self, grads: Items) -> None: ...
 
-    def observe_items(self, items: torch.Tensor) -> None: ...
+    def observe_items(self, items: Items) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
