@@ -3,7 +3,7 @@
 A task is a class registered with ``@register_task(name)``. Its constructor takes the task's
 options (config ``task.options``) as keyword arguments; ``make_task(task_config)`` builds one.
 ``TaskDefaults`` gives every task the defaults of the optional hooks (``arrange``,
-``finalize_metric``, ``evaluate_sums``, ``supported_units``, ``data_files``); a task overrides only
+``finalize_metric``, ``evaluate_sums``, ``test_metrics``, ``supported_units``, ``data_files``); a task overrides only
 what it needs. The data files, their checksums and URLs are in ``orderlab.tasks.files``.
 """
 
@@ -77,6 +77,8 @@ class Task(Protocol):
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_streams: int | None = None
     ) -> EvalSums: ...
 
+    def test_metrics(self, model: nn.Module, data_dir: Path) -> dict[str, float]: ...
+
 
 class TaskDefaults:
     """The defaults every task shares; a task class lists it as a base and overrides what differs."""
@@ -97,6 +99,13 @@ class TaskDefaults:
     def finalize_metric(self, val_loss_mean: float, metric_mean: float) -> float:
         """The reported validation metric from the mean loss and the mean of ``metric_sum``: the mean itself."""
         return metric_mean
+
+    def test_metrics(self, model: nn.Module, data_dir: Path) -> dict[str, float]:
+        """Metrics on a held-out test set beyond the validation set, after training: none by default.
+
+        Tasks with the papers' test protocol override this (M4's sMAPE, WikiText-2's test perplexity).
+        """
+        return {}
 
     @torch.no_grad()
     def evaluate_sums(

@@ -50,6 +50,7 @@ TRIALS_SCHEMA = pa.schema([
     ("config_json", _STR),  # the whole trial config as JSON
     ("worker_node_ids", pa.list_(_STR)),  # Ray node id of each rank, in rank order
     ("server_node_id", _STR),  # Ray node id of the trial's order server
+    ("test_metrics", _STR),  # JSON object: the task's held-out test metrics after the last epoch, if it has any
 ])
 
 EPOCHS_SCHEMA = pa.schema([

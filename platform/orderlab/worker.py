@@ -13,6 +13,7 @@ n = shard_size; the tail that does not fill W equal shards of whole steps is dro
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -44,7 +45,7 @@ from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
 from orderlab.seeding import DATA, MODEL, rng_for, seed_for
 from orderlab.server import PAYLOAD_DTYPES, OrderMessage, to_wire
-from orderlab.tasks import Task, TaskData, load_task_data, make_task, reset_model_state
+from orderlab.tasks import Task, TaskData, load_task_data, make_task, reset_model_state, resolve_data_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -349,7 +350,15 @@ class WorkerLoop:
             ) from error
         node_ids: list[Any] = [None] * self.plan.num_workers
         dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-        return {**outcome, "worker_node_ids": node_ids}
+        return {**outcome, "worker_node_ids": node_ids, "test_metrics": self.test_metrics(outcome["status"])}
+
+    def test_metrics(self, status: str) -> str | None:
+        """The task's held-out test metrics of the final model as JSON (rank 0, completed trials), or None."""
+        if self.rank != 0 or status != "completed":
+            return None
+        self.model.eval()
+        metrics = self.task.test_metrics(self.model, resolve_data_dir(self.cfg.task.data_dir))
+        return json.dumps(metrics) if metrics else None
 
     def start_generation(self, state: dict[str, Any] | None) -> int:
         """Reset the order server to the checkpoint (rank 0) and share its generation; return the first epoch.

@@ -41,8 +41,9 @@ def test_sweep_writes_one_row_per_trial_and_epoch(two_trial_sweep):
     assert (outcome.num_trials, outcome.num_errors) == (2, 0)
     con = results.connect(str(storage))
     trials = con.sql(
-        "SELECT ordering, status, num_workers, shard_size, num_dropped FROM trials ORDER BY ordering"
+        "SELECT ordering, status, num_workers, shard_size, num_dropped, test_metrics FROM trials ORDER BY ordering"
     ).df()
+    assert trials["test_metrics"].isna().all()  # digits has no test set beyond validation
     assert trials["ordering"].tolist() == ["cd-grab", "rr"]
     assert set(trials["status"]) == {"completed"}
     # digits: 1437 train examples, 2 workers × 8 per step -> 89 steps × 8 = 712 per shard, 13 dropped

@@ -105,6 +105,13 @@ def test_every_task_has_the_shared_hooks(name):
     assert task.metric_name in ("accuracy", "perplexity", "rmse")
 
 
+def test_only_tasks_with_a_test_protocol_report_test_metrics(data_dir):
+    task = make_task("digits-logreg")
+    assert task.test_metrics(task.make_model(), data_dir) == {}  # validation is its only held-out set
+    assert type(make_task("m4-mlp")).test_metrics is not TaskDefaults.test_metrics
+    assert type(make_task("wikitext2-lstm")).test_metrics is not TaskDefaults.test_metrics
+
+
 def test_finalize_metric_per_metric():
     assert make_task("mnist-logreg").finalize_metric(0.5, 0.91) == 0.91
     assert make_task("digits-logreg").finalize_metric(0.5, 0.91) == 0.91
