@@ -30,7 +30,8 @@ class OrderMessage:
         epoch: the epoch whose units produced the items (0-based).
         start: index of the first item: a pair index (pair differences) or a unit position (gradients).
         rank: the sending worker's rank.
-        items: [m, d] float32 or float16 numpy array.
+        items: [m, d] numpy array in a wire format of ``encode_payload``: float32, float16, or int16
+            (the bits of bfloat16).
         generation: the worker group's generation (``OrderServer.reset``); stale ones are dropped.
     """
 

@@ -37,7 +37,7 @@ from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
 from orderlab.orderings import ordering_class
 from orderlab.server import RemoteOrderServer
-from orderlab.tasks import load_task_data, make_task
+from orderlab.tasks import load_task_data, make_task, resolve_data_dir
 from orderlab.worker import build_model, plan_trial, train_loop
 
 #: environment for every Ray process of a sweep; RAY_TRAIN_* reach the Train controller and workers
@@ -382,11 +382,16 @@ def sweep(
     root = results_root(cfg.storage)
     results.ensure_writable(root)
     init_ray(address, verbose)
-    space = grid_search_space(
-        {**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}}
+    axes = {**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}}
+    # trials run in their own working directories: they get paths resolved here
+    if "task.data_dir" in axes:
+        axes["task.data_dir"] = [str(resolve_data_dir(value)) for value in axes["task.data_dir"]]
+    space = grid_search_space(axes)
+    base = config_to_dict(
+        cfg.with_overrides(
+            {"sweep": {}, "storage": root, "task.data_dir": str(resolve_data_dir(cfg.task.data_dir))}
+        )
     )
-    # trials run in their own working directories: they get the storage resolved here
-    base = config_to_dict(cfg.with_overrides({"sweep": {}, "storage": root}))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
         # trial drivers and their order servers go to the head node when the cluster marks it

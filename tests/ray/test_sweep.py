@@ -12,6 +12,7 @@ from ray import tune
 
 import orderlab
 from orderlab import results
+from orderlab.tasks import resolve_data_dir
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +105,8 @@ def test_cli_run_end_to_end_and_sql(ray_cluster, tmp_path):
             str(TINY),
             "--set",
             f"storage={storage}",
+            "--set",  # relative paths too: trials run in their own directories
+            f"task.data_dir={os.path.relpath(resolve_data_dir(None), tmp_path)}",
             "--set",
             "ordering.name=grab",
             "--set",

@@ -120,3 +120,13 @@ def test_rank_arrays_uses_float32_in_place_and_rejects_bad_shapes() -> None:
         rank_arrays([np.ones((3, 5), np.float32), np.ones((2, 5), np.float32)], 2, 5, "pair_differences")
     with pytest.raises(ValueError, match="dim=5"):
         rank_arrays([np.ones((3, 4), np.float32)] * 2, 2, 5, "pair_differences")
+
+
+def test_read_only_and_writable_arrays_mix() -> None:
+    """Ray hands the server read-only arrays; a split message is concatenated into a writable one."""
+    ordering = make_ordering("cd-grab", num_workers=2, shard_size=4, dim=3, seed=0)
+    ordering.begin_epoch()
+    from_store = np.ones((2, 3), np.float32)
+    from_store.flags.writeable = False
+    ordering.observe_items([from_store, np.full((2, 3), 2.0, np.float32)])
+    assert ordering.begin_epoch().shape == (2, 4)

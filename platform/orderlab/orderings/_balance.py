@@ -349,7 +349,15 @@ def rank_arrays(
         raise ValueError(f"{what} must be [k, dim={dim}] per worker with one k for all, got {shapes}")
     if float32 or len({a.dtype for a in arrays}) > 1:
         arrays = [widen(a) for a in arrays]
-    return arrays
+    return [_read_only(a) for a in arrays]
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view: arrays from Ray's object store are read-only, and numba types a tuple of
+    read-only and writable arrays as mixed, which it cannot index in a loop."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 class PairStream:
