@@ -250,7 +250,7 @@ def task_key(cfg: ExperimentConfig) -> str:
         [
             task.name,
             task.options,
-            task.data_dir,
+            str(resolve_data_dir(task.data_dir)),  # trials get it resolved (see sweep)
             task.train_examples,
             cfg.seed,
             train.num_workers,
