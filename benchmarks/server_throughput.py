@@ -221,8 +221,12 @@ def make_benches(
 
 
 def wait_ready(*bench_dicts: dict) -> None:
-    """Wait until every actor of ``bench_dicts`` is up; they start concurrently."""
+    """Wait until every actor of ``bench_dicts`` is up (they start concurrently), then run one untimed
+    epoch on every bench: numba compiles the balancing kernel per payload dtype and W on first use."""
     ray.get([b.ready() for benches in bench_dicts for b in benches.values() if isinstance(b, ActorBench)])
+    for benches in bench_dicts:
+        for bench in benches.values():
+            bench.measure(1)
 
 
 def close_benches(benches: dict) -> None:
