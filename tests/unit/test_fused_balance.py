@@ -51,14 +51,18 @@ def test_fused_balance_widens_every_half_and_bfloat16_value_exactly() -> None:
 
 
 @pytest.mark.parametrize("payload_dtype", [torch.float16, torch.bfloat16])
-def test_fused_balance_on_half_rows_equals_the_rule_on_their_float32_values(payload_dtype: torch.dtype) -> None:
+def test_fused_balance_on_half_rows_equals_the_rule_on_their_float32_values(
+    payload_dtype: torch.dtype,
+) -> None:
     generator = torch.Generator().manual_seed(7)
     items = torch.randn(3, 6, 5000, generator=generator).to(payload_dtype)
     arrays = rank_arrays(items, 3, 5000, "pair_differences")
     running_sum, plain_sum = np.zeros(5000, np.float32), np.zeros(5000, np.float32)
     positive = fused_balance(running_sum, tuple(arrays))
     values = items.float().numpy()
-    assert positive.ravel().tolist() == plain_rule(plain_sum, [values[a, j] for j in range(6) for a in range(3)])
+    assert positive.ravel().tolist() == plain_rule(
+        plain_sum, [values[a, j] for j in range(6) for a in range(3)]
+    )
     np.testing.assert_array_equal(running_sum, plain_sum)
 
 
