@@ -20,6 +20,7 @@ import ray
 import torch
 
 from orderlab.orderings import make_ordering
+from orderlab.orderings._balance import widen
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,10 @@ def encode_payload(items: np.ndarray, payload_dtype: str) -> np.ndarray:
     return to_wire(torch.from_numpy(items).to(PAYLOAD_DTYPES[payload_dtype]))
 
 
-def decode_payload(items: np.ndarray, payload_dtype: str) -> torch.Tensor:
-    """The inverse of ``encode_payload``, widened to a float32 tensor [..., d] (no copy for float32)."""
-    tensor = torch.from_numpy(items)
-    if payload_dtype == "bfloat16":
-        tensor = tensor.view(torch.bfloat16)
-    return tensor.to(torch.float32)
+def decode_payload(items: np.ndarray) -> torch.Tensor:
+    """The inverse of ``encode_payload`` (the array's dtype says the format), widened to a float32
+    tensor [..., d] (no copy for float32)."""
+    return torch.from_numpy(widen(items))
 
 
 def order_digest(orders: np.ndarray) -> str:

@@ -317,7 +317,10 @@ def _as_rows(item: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def widen(rows: np.ndarray) -> np.ndarray:
-    """Rows in a ``rank_arrays`` format as float32 (a copy unless they are float32 already)."""
+    """Rows in a wire or ``rank_arrays`` format as float32 (a copy unless they are float32 already):
+    float16, uint16 (float16 bits), int16 (bfloat16 bits)."""
+    if rows.dtype == np.float16:
+        return rows.astype(np.float32)
     if rows.dtype == np.uint16:
         return rows.view(np.float16).astype(np.float32)
     if rows.dtype == np.int16:
