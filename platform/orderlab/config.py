@@ -215,6 +215,9 @@ class OrderingConfig(BaseModel):
     payload_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # CountSketch gradients to this many coordinates on the worker before sending (None: exact)
     sketch_dim: Int | None = Field(None, ge=1)
+    # how messages reach the server: a shared-memory ring per worker (CPU workers on the server's
+    # node), Ray actor calls, or auto (the ring where it can be used)
+    transport: Literal["auto", "shared_memory", "ray"] = "auto"
 
     @field_validator("name")
     @classmethod

@@ -1,9 +1,11 @@
 """The order server: one Ray actor per trial that hosts the trial's ordering.
 
 Workers send keyed messages (epoch, start index, rank) carrying numpy payloads: pair differences for
-pair-balance/cd-grab, unit gradients for grab. The server applies items strictly in (item index,
-rank) order, whatever the arrival order, so the orders equal those of a centralized run; a replayed
-key does nothing. ``begin_epoch(epoch, rank)`` answers once that epoch's orders exist.
+pair-balance/cd-grab, unit gradients for grab. A worker on the server's node writes them into a
+shared-memory ring (``orderlab.channel``) that the server polls; a worker elsewhere sends them with
+``push``. The server applies items strictly in (item index, rank) order, whatever the arrival order
+or path, so the orders equal those of a centralized run; a replayed key does nothing.
+``begin_epoch(epoch, rank)`` answers once that epoch's orders exist.
 ``OrderServer`` is a plain class (unit tests construct it directly); ``RemoteOrderServer`` is the
 actor. Its methods are ``async`` so that ``begin_epoch`` can wait while messages keep arriving.
 """
@@ -12,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from orderlab.channel import MessageRing
 from orderlab.orderings import make_ordering
 from orderlab.orderings._balance import widen
 
@@ -42,6 +46,21 @@ class OrderMessage:
     items: np.ndarray
     generation: int = 0
 
+
+class OrderServerRestarted(RuntimeError):
+    """The order server lost its state (Ray restarted it) since this worker group started."""
+
+
+@dataclass
+class _AttachedRing:
+    """A worker's ring on the server side, and the (epoch, end, generation) of each message still held."""
+
+    ring: MessageRing
+    held: deque = field(default_factory=deque)
+
+
+#: seconds between polls of the rings when they are idle: from the first to the last, doubling
+RING_POLL_SECONDS = (1e-4, 2e-3)
 
 PAYLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -108,6 +127,9 @@ class OrderServer:
         self.num_workers = num_workers
         self.generation = 0
         self._changed = asyncio.Event()
+        self.rings: dict[int, _AttachedRing] = {}  # by rank
+        self._poller: asyncio.Task | None = None
+        self._poll_error: BaseException | None = None  # what stopped the ring poller, raised to callers
         self._start()
 
     def _start(self) -> None:
@@ -137,6 +159,7 @@ class OrderServer:
         else:
             self.restore(state)
         self.generation += 1
+        self._release_rings()  # the previous generation's messages are dropped
         self._changed.set()
         return self.generation
 
@@ -151,9 +174,39 @@ class OrderServer:
         self._apply_ready()
         return self.cursor
 
-    async def begin_epoch(self, epoch: int, rank: int) -> np.ndarray:
-        """Worker ``rank``'s order for ``epoch``: int64 array [shard_size], once that epoch's orders exist."""
+    async def attach_ring(self, rank: int, path: str) -> None:
+        """Read worker ``rank``'s messages from now on also from its shared-memory ring at ``path``
+        (``orderlab.channel.MessageRing``; replaces an earlier ring of that rank).
+
+        Raises:
+            FileNotFoundError: no ring at ``path`` on this node.
+        """
+        self.rings[rank] = _AttachedRing(MessageRing.attach(path))
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_rings())
+
+    def has_ring(self, rank: int, path: str) -> bool:
+        """Whether rank's ring at ``path`` is attached (False after Ray restarted this server).
+
+        Raises:
+            the exception that stopped the ring poller, if one did.
+        """
+        self._raise_poll_error()
+        return rank in self.rings and self.rings[rank].ring.path == path
+
+    async def begin_epoch(self, epoch: int, rank: int, generation: int | None = None) -> np.ndarray:
+        """Worker ``rank``'s order for ``epoch``: int64 array [shard_size], once that epoch's orders exist.
+
+        Raises:
+            OrderServerRestarted: ``generation`` (the caller's worker group) is not the current one.
+        """
+        if generation is not None and generation != self.generation:
+            raise OrderServerRestarted(
+                f"the order server is at generation {self.generation}, the worker group at {generation}: "
+                "Ray restarted the server, so its state is gone"
+            )
         while epoch not in self.orders:
+            self._raise_poll_error()
             if self.ordering.items_per_epoch == 0 and epoch == self.epoch + 1:  # nothing to wait for
                 self._advance()
                 continue
@@ -239,6 +292,52 @@ class OrderServer:
             self.cursor += ready
         if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()
+        self._release_rings()
+
+    def _raise_poll_error(self) -> None:
+        if self._poll_error is not None:
+            raise RuntimeError("the order server stopped reading shared-memory rings") from self._poll_error
+
+    async def _poll_rings(self) -> None:
+        """Apply the rings' messages as they are published; poll less often while they are idle."""
+        try:
+            await self._poll_rings_forever()
+        except Exception as error:  # surfaced by begin_epoch and has_ring, which workers call
+            self._poll_error = error
+            self._changed.set()
+
+    async def _poll_rings_forever(self) -> None:
+        pause = RING_POLL_SECONDS[0]
+        while True:
+            received = False
+            for attached in list(self.rings.values()):
+                for fields in attached.ring.receive():
+                    message = OrderMessage(*fields)
+                    attached.held.append(
+                        (message.epoch, message.start + len(message.items), message.generation)
+                    )
+                    self._accept(message)
+                    received = True
+            if received:
+                self._apply_ready()
+                pause = RING_POLL_SECONDS[0]
+            else:
+                pause = min(2 * pause, RING_POLL_SECONDS[1])
+            await asyncio.sleep(0 if received else pause)
+
+    def _release_rings(self) -> None:
+        """Hand back every ring slot whose items are applied, stale, or dropped (held in order per ring)."""
+        for attached in self.rings.values():
+            count = 0
+            for epoch, end, generation in attached.held:
+                done = generation != self.generation or epoch < self.epoch or end <= self.cursor
+                if not done:
+                    break
+                count += 1
+            if count:
+                for _ in range(count):
+                    attached.held.popleft()
+                attached.ring.release(count)
 
     def _advance(self) -> None:
         self.epoch += 1

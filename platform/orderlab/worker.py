@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orderlab import results
+from orderlab.channel import WIRE_DTYPES, MessageRing
 from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import (
@@ -44,10 +45,11 @@ from orderlab.grads import (
 from orderlab.herding import parallel_herding_bound
 from orderlab.orderings._balance import PairStream
 from orderlab.seeding import DATA, MODEL, rng_for, seed_for
-from orderlab.server import PAYLOAD_DTYPES, OrderMessage, to_wire
+from orderlab.server import PAYLOAD_DTYPES, OrderMessage, OrderServerRestarted, to_wire
 from orderlab.tasks import Task, TaskData, load_task_data, make_task, reset_model_state, resolve_data_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"
+MAX_SLOT_BYTES = 64 * 2**20  # a ring slot holds fewer than message_steps steps when they need more
 
 
 @dataclass(frozen=True)
@@ -172,10 +174,19 @@ class ServerMessenger:
     """Batches a worker's reductions into keyed messages with a bounded number in flight.
 
     Per step: form pair differences (pair orderings), sketch them (optional), and write them in
-    ``payload_dtype`` into a send buffer that stays on the device; every ``message_steps`` steps,
-    send the buffered rows (on CPU a view of the buffer: Ray copies arguments when a call is made,
-    so the buffer is reused at once). A pair difference is written once, straight from the two
-    unit gradients.
+    ``payload_dtype`` into a send buffer; every ``message_steps`` steps, send the buffered rows. A
+    pair difference is written once, straight from the two unit gradients. Two transports:
+
+    - ``shared_memory`` (CPU workers on the server's node): the send buffer is the next free slot
+      of a ``MessageRing`` that the server polls; sending publishes the slot. At most
+      ``max_in_flight`` + 1 slots exist, so a worker waits only when the server is that far behind.
+    - ``ray``: the send buffer stays on the device and ``push.remote`` sends a view of its rows (Ray
+      copies arguments when a call is made, so the buffer is reused at once); at most
+      ``max_in_flight`` calls are outstanding.
+
+    Raises (from ``add`` and ``flush``):
+        OrderServerRestarted: the server no longer has this worker's ring (Ray restarted it).
+        ray.exceptions.RayActorError: the server died.
     """
 
     def __init__(
@@ -187,14 +198,16 @@ class ServerMessenger:
         max_in_flight: int,
         sketch: CountSketch | None = None,
         payload_dtype: str = "float32",
+        transport: str = "ray",
     ) -> None:
         self.server, self.rank, self.message_kind = server, rank, message_kind
         self.message_steps, self.max_in_flight = message_steps, max_in_flight
-        self.sketch, self.payload_dtype = sketch, payload_dtype
+        self.sketch, self.payload_dtype, self.transport = sketch, payload_dtype, transport
         self.generation = 0  # set from OrderServer.reset when the worker group starts
         self.in_flight: deque = deque()
         self.pairs = PairStream()
         self.send_buffer: torch.Tensor | None = None  # [capacity, d or sketch_dim] in the payload dtype
+        self.ring: MessageRing | None = None  # shared_memory: created at the first message
         self.begin_epoch(0)
 
     def begin_epoch(self, epoch: int) -> None:
@@ -220,6 +233,8 @@ class ServerMessenger:
         """Send what is queued and wait until the server has applied all of this worker's messages."""
         self._send()
         started = time.perf_counter()
+        if self.ring is not None:
+            self.ring.wait_until_released(self._check_ring)
         ray.get(list(self.in_flight))
         self.in_flight.clear()
         self.wait_seconds += time.perf_counter() - started
@@ -235,25 +250,66 @@ class ServerMessenger:
             torch.sub(rows, subtract, out=target)
 
     def _reserve(self, count: int, width: int, device: torch.device) -> torch.Tensor:
-        """The next ``count`` rows of the send buffer, growing it (and keeping its rows) when full."""
-        needed = self.rows_buffered + count
-        if self.send_buffer is None or len(self.send_buffer) < needed:
-            grown = torch.empty(2 * needed, width, dtype=PAYLOAD_DTYPES[self.payload_dtype], device=device)
+        """The next ``count`` rows of the send buffer: of the ring's slot, or of a buffer that grows
+        (keeping its rows) when full."""
+        if self.transport == "shared_memory":
+            if self.send_buffer is not None and self.rows_buffered + count > len(self.send_buffer):
+                self._send()  # the slot is full: send it early
+            if self.send_buffer is None:
+                self.send_buffer = self._next_slot(count, width)
+        elif self.send_buffer is None or len(self.send_buffer) < self.rows_buffered + count:
+            grown = torch.empty(
+                2 * (self.rows_buffered + count),
+                width,
+                dtype=PAYLOAD_DTYPES[self.payload_dtype],
+                device=device,
+            )
             if self.rows_buffered:
                 grown[: self.rows_buffered] = self.send_buffer[: self.rows_buffered]
             self.send_buffer = grown
-        self.rows_buffered = needed
-        return self.send_buffer[needed - count : needed]
+        self.rows_buffered += count
+        return self.send_buffer[self.rows_buffered - count : self.rows_buffered]
+
+    def _next_slot(self, count: int, width: int) -> torch.Tensor:
+        """The ring's next free slot as a tensor [rows, width] in the payload dtype (creating the ring,
+        sized for ``message_steps`` steps of ``count`` rows, at the first message)."""
+        wire = WIRE_DTYPES[self.payload_dtype]
+        if self.ring is None:
+            row_bytes = width * wire.itemsize
+            rows = max(count + 2, min(self.message_steps * (count + 1) + 1, MAX_SLOT_BYTES // row_bytes))
+            self.ring = MessageRing.create(self.max_in_flight + 1, rows * row_bytes)
+            try:
+                ray.get(self.server.attach_ring.remote(self.rank, self.ring.path))
+            finally:
+                self.ring.unlink()  # the server has mapped it (or failed): the memory lives on in the mappings
+        self.wait_seconds += self.ring.wait_for_slot(self._check_ring)
+        slot = torch.from_numpy(self.ring.slot_array(width, wire))
+        if len(slot) < count:
+            raise ValueError(f"a step's {count} rows exceed a ring slot's {len(slot)}")
+        return slot.view(torch.bfloat16) if self.payload_dtype == "bfloat16" else slot
+
+    def _check_ring(self) -> None:
+        """Called while waiting on the ring: raise when the server no longer reads it."""
+        if not ray.get(self.server.has_ring.remote(self.rank, self.ring.path)):
+            raise OrderServerRestarted(
+                f"worker {self.rank}: the order server no longer reads this worker's ring (Ray restarted it)"
+            )
 
     def _send(self) -> None:
         self.steps_buffered = 0
         if not self.rows_buffered:
             return
-        items = to_wire(self.send_buffer[: self.rows_buffered])  # one device-to-host copy on GPUs
-        self.rows_buffered = 0
-        message = OrderMessage(self.epoch, self.items_sent, self.rank, items, self.generation)
-        self.in_flight.append(self.server.push.remote([message]))  # Ray copies items here
-        self.items_sent += len(items)
+        rows, self.rows_buffered = self.rows_buffered, 0
+        items = to_wire(self.send_buffer[:rows])  # one device-to-host copy on GPUs
+        if self.ring is not None:
+            self.ring.publish(
+                self.epoch, self.items_sent, self.rank, rows, items.shape[1], items.dtype, self.generation
+            )
+            self.send_buffer = None  # the slot now belongs to the server until it releases it
+        else:
+            message = OrderMessage(self.epoch, self.items_sent, self.rank, items, self.generation)
+            self.in_flight.append(self.server.push.remote([message]))  # Ray copies items here
+        self.items_sent += rows
         self.bytes_sent += items.nbytes
         if len(self.in_flight) > self.max_in_flight:
             started = time.perf_counter()
@@ -261,10 +317,34 @@ class ServerMessenger:
             self.wait_seconds += time.perf_counter() - started
 
 
-def fetch_order(server: Any, epoch: int, rank: int) -> tuple[np.ndarray, float]:
-    """This worker's order for ``epoch`` (int64 [shard_size]) and the seconds spent waiting for it."""
+def message_transport(transport: str, server: Any, device: torch.device) -> str:
+    """The transport a worker uses (``ordering.transport``): ``auto`` is ``shared_memory`` for a CPU
+    worker on the server's node and ``ray`` otherwise.
+
+    Raises:
+        OrderlabError: ``shared_memory`` asked for on another node or on a GPU.
+    """
+    if transport == "ray":
+        return transport
+    same_node = ray.get(server.node_id.remote()) == ray.get_runtime_context().get_node_id()
+    if same_node and device.type == "cpu":
+        return "shared_memory"
+    if transport == "shared_memory":
+        raise OrderlabError(
+            "ordering.transport: shared_memory needs CPU workers on the order server's node "
+            f"(this worker: {device.type}, {'same' if same_node else 'another'} node); use auto or ray"
+        )
+    return "ray"
+
+
+def fetch_order(server: Any, epoch: int, rank: int, generation: int) -> tuple[np.ndarray, float]:
+    """This worker's order for ``epoch`` (int64 [shard_size]) and the seconds spent waiting for it.
+
+    Raises:
+        OrderServerRestarted: the server is not at this worker group's ``generation``.
+    """
     started = time.perf_counter()
-    order = ray.get(server.begin_epoch.remote(epoch, rank))
+    order = ray.get(server.begin_epoch.remote(epoch, rank, generation))
     return order, time.perf_counter() - started
 
 
@@ -321,6 +401,9 @@ class WorkerLoop:
             ordering.max_in_flight,
             sketch,
             ordering.payload_dtype,
+            message_transport(ordering.transport, self.server, self.device)
+            if self.plan.needs_gradients
+            else "ray",
         )
 
     def run(self) -> dict[str, Any]:
@@ -334,7 +417,7 @@ class WorkerLoop:
         try:
             start = self.start_generation(self.restore_checkpoint())
             for epoch in range(start, self.cfg.train.epochs):
-                order, wait_seconds = fetch_order(self.server, epoch, self.rank)
+                order, wait_seconds = fetch_order(self.server, epoch, self.rank, self.messenger.generation)
                 herding = self.measure_herding(order) if self.cfg.metrics.herding else None
                 times, diverged = self.run_epoch(epoch, order)
                 times.order_wait_seconds += wait_seconds
@@ -343,7 +426,11 @@ class WorkerLoop:
                 if diverged is not None:
                     outcome = {"status": "diverged", "diverged_epoch": epoch, "error": diverged}
                     break
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+        except (
+            ray.exceptions.RayActorError,
+            ray.exceptions.ActorUnavailableError,
+            OrderServerRestarted,
+        ) as error:
             raise RuntimeError(
                 f"the order server of trial {self.trial_id} died ({type(error).__name__}); with "
                 "train.max_failures >= 1 the trial restarts from its last checkpoint"

@@ -19,19 +19,22 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+SWEEP_OVERRIDES = {
+    "train.epochs": 3,
+    "sweep": {},
+    "metrics.herding": True,
+    "ordering.payload_dtype": "float16",
+    "ordering.sketch_dim": 64,
+}
+
+
 @pytest.fixture(scope="module")
 def two_trial_sweep(ray_cluster, tmp_path_factory):
+    """rr and cd-grab; cd-grab's workers share the server's node, so they send through shared memory."""
     storage = tmp_path_factory.mktemp("sweep")
     outcome = orderlab.sweep(
         str(TINY),
-        overrides={
-            "storage": str(storage),
-            "train.epochs": 3,
-            "sweep": {},
-            "metrics.herding": True,
-            "ordering.payload_dtype": "float16",
-            "ordering.sketch_dim": 64,
-        },
+        overrides={**SWEEP_OVERRIDES, "storage": str(storage), "ordering.transport": "shared_memory"},
         param_space={"ordering.name": tune.grid_search(["rr", "cd-grab"]), "seed": [0]},
     )
     return outcome, storage
@@ -83,6 +86,29 @@ def test_training_learns_and_only_gradient_orderings_talk_to_the_server(two_tria
     # cd-grab: 2 workers × 356 pairs × a 64-dim sketch in float16 per epoch (exact float32: 650 × 4 B); rr nothing
     assert sent["cd-grab"] == 2 * 356 * 64 * 2
     assert sent["rr"] == 0
+
+
+def test_ray_calls_and_shared_memory_give_the_same_trial(two_trial_sweep, tmp_path):
+    _, storage = two_trial_sweep
+    outcome = orderlab.sweep(
+        str(TINY),
+        overrides={
+            **SWEEP_OVERRIDES,
+            "storage": str(tmp_path),
+            "train.epochs": 2,
+            "ordering.name": "cd-grab",
+            "ordering.transport": "ray",
+        },
+    )
+    assert outcome.num_errors == 0
+    query = (
+        "SELECT epoch, order_digest, train_loss, bytes_to_server FROM epochs JOIN trials USING (trial_id, sweep) "
+        "WHERE ordering = 'cd-grab' AND epoch < 2 ORDER BY epoch"
+    )
+    shared_memory = results.connect(str(storage)).sql(query).df()
+    ray_calls = results.connect(str(tmp_path)).sql(query).df()
+    assert shared_memory.to_dict("list") == ray_calls.to_dict("list")
+    assert shared_memory["order_digest"].nunique() == 2
 
 
 def test_summary_compares_against_the_baseline(two_trial_sweep):

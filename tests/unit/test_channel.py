@@ -1,0 +1,140 @@
+"""Shared-memory rings (orderlab.channel) and the order server reading them: the same orders as pushes.
+
+Producers and the server share one event loop here (the server polls its rings in an asyncio task), so
+the producers wait for free slots with ``await`` instead of ``MessageRing.wait_for_slot``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from test_server import (
+    GRADIENT_ORDERINGS,
+    all_orders,
+    assert_same_orders,
+    make_server,
+    message_kind,
+    random_cuts,
+    random_gradients,
+    reference_orders,
+    visiting_gradients,
+    worker_items,
+)
+
+from orderlab.channel import MessageRing
+from orderlab.server import OrderServer
+
+
+def test_a_message_round_trips_through_a_second_mapping(tmp_path) -> None:
+    producer = MessageRing.create(slots=2, slot_bytes=100, directory=str(tmp_path))
+    consumer = MessageRing.attach(producer.path)
+    producer.unlink()
+    assert not list(tmp_path.iterdir())  # unlinked: both mappings stay valid
+    assert producer.slot_bytes == 4096 and producer.rows_per_slot(10, np.float32) == 102
+    sent = []
+    for sequence in range(5):  # wraps around the two slots
+        rows = np.arange(3 * 10, dtype=np.float16).reshape(3, 10) + sequence
+        producer.slot_array(10, np.float16)[:3] = rows
+        producer.publish(sequence, 3 * sequence, 1, 3, 10, np.float16, generation=4)
+        sent.append(rows)
+        ((epoch, start, rank, items, generation),) = consumer.receive()
+        assert (epoch, start, rank, generation) == (sequence, 3 * sequence, 1, 4)
+        assert items.dtype == np.float16 and not items.flags.writeable
+        np.testing.assert_array_equal(items, rows)
+        assert consumer.receive() == []
+        consumer.release(1)
+        assert producer.released == producer.published == sequence + 1
+
+
+def test_a_full_ring_waits_and_asks_whether_to_keep_waiting(tmp_path) -> None:
+    ring = MessageRing.create(slots=1, slot_bytes=64, directory=str(tmp_path))
+    ring.publish(0, 0, 0, 1, 4, np.float32, generation=1)
+    calls = []
+
+    def give_up() -> None:
+        calls.append(1)
+        raise TimeoutError("server gone")
+
+    with pytest.raises(TimeoutError, match="server gone"):
+        ring.wait_for_slot(give_up, check_every=0.01)
+    assert calls == [1]
+    ring.release(1)
+    assert ring.wait_for_slot(give_up) < 0.01  # free again: no wait
+
+
+async def publish_epoch(
+    server: OrderServer,
+    rings: list[MessageRing],
+    epoch: int,
+    items: np.ndarray,
+    rng: np.random.Generator,
+    generation: int,
+) -> None:
+    """Every rank's items [W, m, d] as messages of random sizes, ranks interleaved at random, each
+    published once its ring has a free slot."""
+    queues = [random_cuts(items.shape[1], rng) for _ in rings]
+    while any(queues):
+        ready = [r for r, ring in enumerate(rings) if queues[r] and ring.published - ring.released < ring.slots]
+        if not ready:
+            await asyncio.sleep(0.001)  # the server's poller runs
+            continue
+        rank = ready[int(rng.integers(len(ready)))]
+        start, end = queues[rank].pop(0)
+        rings[rank].slot_array(items.shape[2], items.dtype)[: end - start] = items[rank, start:end]
+        rings[rank].publish(epoch, start, rank, end - start, items.shape[2], items.dtype, generation)
+
+
+async def run_ring_epochs(
+    server: OrderServer, name: str, grads: np.ndarray, rng: np.random.Generator, dtype: type, directory: str
+) -> list[np.ndarray]:
+    """Orders of epochs 0..E when every rank sends through a 2-slot ring."""
+    num_epochs, num_workers, _, dim = grads.shape
+    generation = await server.reset(None)
+    rings = [MessageRing.create(2, 4 * dim * np.dtype(dtype).itemsize, directory) for _ in range(num_workers)]
+    for rank, ring in enumerate(rings):
+        await server.attach_ring(rank, ring.path)
+        ring.unlink()
+        assert server.has_ring(rank, ring.path)
+    orders = [await all_orders(server, 0, num_workers)]
+    for epoch in range(num_epochs):
+        items = worker_items(message_kind(name), visiting_gradients(grads[epoch], orders[-1])).astype(dtype)
+        await publish_epoch(server, rings, epoch, items, rng, generation)
+        orders.append(await asyncio.wait_for(all_orders(server, epoch + 1, num_workers), timeout=10))
+        assert all(ring.released == ring.published for ring in rings)  # every slot handed back
+    return orders
+
+
+@pytest.mark.parametrize("name", GRADIENT_ORDERINGS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_ring_messages_give_the_orders_of_a_centralized_run(name: str, dtype: type, tmp_path) -> None:
+    grads = random_gradients(31, 3, 3, 9, 5)
+    expected = reference_orders(
+        name, grads, 7, np.random.default_rng(0), dtype=None if dtype is np.float32 else dtype
+    )
+    server = make_server(name)
+    got = asyncio.run(run_ring_epochs(server, name, grads, np.random.default_rng(2), dtype, str(tmp_path)))
+    assert_same_orders(got, expected)
+
+
+def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_path) -> None:
+    server = make_server("cd-grab", num_workers=1, shard_size=4, dim=3)
+
+    async def scenario() -> None:
+        generation = await server.reset(None)
+        ring = MessageRing.create(1, 64, str(tmp_path))
+        await server.attach_ring(0, ring.path)
+        ring.slot_array(3, np.float32)[:2] = 1.0
+        ring.publish(0, 0, 0, 2, 3, np.float32, generation - 1)  # a crashed group's message
+        for _ in range(100):
+            if ring.released == 1:
+                break
+            await asyncio.sleep(0.001)
+        assert ring.released == 1 and server.cursor == 0  # dropped, and its slot handed back
+        with pytest.raises(RuntimeError, match="restarted"):
+            await server.begin_epoch(1, 0, generation + 1)
+        restarted = make_server("cd-grab", num_workers=1, shard_size=4, dim=3)
+        assert not restarted.has_ring(0, ring.path)
+
+    asyncio.run(scenario())
