@@ -76,7 +76,9 @@ async def publish_epoch(
     published once its ring has a free slot."""
     queues = [random_cuts(items.shape[1], rng) for _ in rings]
     while any(queues):
-        ready = [r for r, ring in enumerate(rings) if queues[r] and ring.published - ring.released < ring.slots]
+        ready = [
+            r for r, ring in enumerate(rings) if queues[r] and ring.published - ring.released < ring.slots
+        ]
         if not ready:
             await asyncio.sleep(0.001)  # the server's poller runs
             continue
