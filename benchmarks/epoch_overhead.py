@@ -11,8 +11,9 @@ CD-GraB authors' 1.45× (LSTM, microbatch units) to 2.0× (HMDA logistic regress
 Then the anatomy of one worker step, measured in this process with one torch thread (no Ray Train):
 the unit gradients each ordering needs (microbatch backward for rr; per-example ``vmap`` gradients
 for cd-grab with example units), the optimizer step, and the worker-side messaging per step
-(``ServerMessenger.add``: pair differences, sketch, encode, ``push.remote`` every 16 steps to a real
-order-server actor), beside the all-reduce and order-wait seconds per step of the sweep.
+(``ServerMessenger.add``: pair differences, sketch, encode, and every 16 steps a message to a real
+order-server actor, through its shared-memory ring as the sweep's workers send, and through
+``push.remote``, ``ordering.transport: ray``), beside the all-reduce and order-wait seconds per step of the sweep.
 
 Tasks: the issue's mnist-logreg (example units, batch 64) and wikitext2-lstm (microbatch units,
 batch 16) when ``orderlab.tasks`` has them and the worker can run them; otherwise their stand-ins
@@ -325,9 +326,10 @@ def step_anatomy(task_name: str, num_steps: int) -> dict[str, float]:
     microbatch_gradient(model, task.loss, inputs, targets)
     parts["optimizer step"] = time_calls(optimizer.step, num_steps)
     units_per_step = len(unit_grads)
-    for variant, sketch_dim, payload_dtype in (
-        ("exact", None, "float32"),
-        ("sketch256 fp16", 256, "float16"),
+    for variant, sketch_dim, payload_dtype, transport in (
+        ("exact", None, "float32", "shared_memory"),
+        ("exact, ray calls", None, "float32", "ray"),
+        ("sketch256 fp16", 256, "float16", "shared_memory"),
     ):
         steps = 16 * max(2, num_steps // 16)
         server = RemoteOrderServer.remote(
@@ -339,7 +341,7 @@ def step_anatomy(task_name: str, num_steps: int) -> dict[str, float]:
         )
         ray.get(server.begin_epoch.remote(0, 0))
         sketch = CountSketch(dim, sketch_dim, 0) if sketch_dim else None
-        messenger = ServerMessenger(server, 0, "pair_differences", 16, 4, sketch, payload_dtype)
+        messenger = ServerMessenger(server, 0, "pair_differences", 16, 4, sketch, payload_dtype, transport)
         started = time.perf_counter()
         for _ in range(steps):
             messenger.add(unit_grads)
@@ -364,6 +366,7 @@ def anatomy_table(
         "cd-grab gradient ms",
         "optimizer ms",
         "messaging ms/step exact",
+        "messaging ms/step exact, ray calls",
         "messaging ms/step sketch256 fp16",
         "all-reduce ms/step (rr, cd-grab)",
         "order wait ms/step (cd-grab)",
@@ -382,6 +385,7 @@ def anatomy_table(
                 f"{1e3 * parts['cd-grab gradient']:.2f}",
                 f"{1e3 * parts['optimizer step']:.2f}",
                 f"{1e3 * parts['messaging exact']:.2f}",
+                f"{1e3 * parts['messaging exact, ray calls']:.2f}",
                 f"{1e3 * parts['messaging sketch256 fp16']:.2f}",
                 f"{per_step(rr, 'allreduce_s')}, {per_step(cd, 'allreduce_s')}",
                 per_step(cd, "wait_s"),

@@ -35,6 +35,7 @@ import ray
 import torch
 from _common import fmt, machine_line, markdown_table, median, parse_sizes, timed
 
+from orderlab.channel import WIRE_DTYPES, MessageRing
 from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer, encode_payload
 
 #: the fastest cd-grab step (seconds) that benchmarks/epoch_overhead.py measured with example units and
@@ -202,14 +203,87 @@ class ActorBench:
         ray.kill(self.server)
 
 
+class RingBench:
+    """``RemoteOrderServer`` fed through shared-memory rings (``ordering.transport: shared_memory``).
+
+    The driver plays every rank as workers do: it publishes each message in that rank's next free
+    ring slot (``max_in_flight`` + 1 slots per rank), waits at the epoch's end until the server has
+    released every slot (the workers' flush), then asks for every rank's order. Writing a message
+    into its slot is the worker's own work (its pair differences are formed there), so the driver
+    does not time it: every slot holds its pool vectors from before the first measurement, which
+    keeps one driver from being the bottleneck for W producers. The rings' memory (W × slots ×
+    message size, 100-320 MiB here) is far beyond the last-level cache, so the server reads every
+    vector from memory, as the plain loop reads its pool.
+    """
+
+    def __init__(self, workload: Workload, payload_dtype: str, max_in_flight: int) -> None:
+        self.workload, self.payload_dtype = workload, payload_dtype
+        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args())
+        wire = WIRE_DTYPES[payload_dtype]
+        slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
+        self.rings = [MessageRing.create(max_in_flight + 1, slot_bytes) for _ in range(workload.num_workers)]
+        self.epoch, self.cpu_seconds = 0, 0.0
+
+    def ready(self) -> ray.ObjectRef:
+        """A reference that resolves once the actor is up and has mapped every rank's ring, whose
+        slots now hold the vectors that their messages will carry."""
+        ray.get([self.server.attach_ring.remote(rank, ring.path) for rank, ring in enumerate(self.rings)])
+        for ring in self.rings:
+            ring.unlink()
+        encoded, rows, dim = (
+            self.workload.encoded_pool(self.payload_dtype),
+            self.workload.pairs_per_message,
+            self.workload.dim,
+        )
+        num_pool_slots = len(encoded) // rows
+        for rank, ring in enumerate(self.rings):
+            for slot in range(ring.slots):
+                first = ((slot * len(self.rings) + rank) % num_pool_slots) * rows
+                offset = ring.data_offset + slot * ring.slot_bytes
+                np.ndarray((rows, dim), encoded.dtype, ring.memory, offset=offset)[:] = encoded[
+                    first : first + rows
+                ]
+        return self.server.begin_epoch.remote(0, 0)
+
+    def measure(self, epochs: int) -> float:
+        """Seconds from the first message of the next ``epochs`` epochs to the last rank's next order."""
+        first, self.epoch = self.epoch, self.epoch + epochs
+        rounds = {e: self.workload.rounds(e, self.payload_dtype) for e in range(first, self.epoch)}
+        server, dim = self.server, self.workload.dim
+        cpu_started = ray.get(self.server.__ray_call__.remote(_process_time))
+        started = time.perf_counter()
+        for epoch, batches in rounds.items():
+            for batch in batches:
+                for message in batch:
+                    ring = self.rings[message.rank]
+                    ring.wait_for_slot(_keep_waiting)  # the slot holds its vectors already (see ready)
+                    ring.publish(
+                        epoch, message.start, message.rank, len(message.items), dim, message.items.dtype, 0
+                    )
+            for ring in self.rings:
+                ring.wait_until_released(_keep_waiting)
+            ray.get([server.begin_epoch.remote(epoch + 1, rank) for rank in range(self.workload.num_workers)])
+        seconds = time.perf_counter() - started
+        self.cpu_seconds = ray.get(self.server.__ray_call__.remote(_process_time)) - cpu_started
+        return seconds
+
+    def close(self) -> None:
+        ray.kill(self.server)
+        self.rings.clear()
+
+
+def _keep_waiting() -> None:
+    """The benchmark's server does not restart: wait on."""
+
+
 def make_benches(
     workload: Workload,
     dtypes: list[str],
     args: argparse.Namespace,
-    kinds: tuple[str, ...] = ("in-process", "actor"),
-) -> dict[tuple[str, str], InProcessBench | ActorBench]:
+    kinds: tuple[str, ...] = ("in-process", "actor", "actor, shared memory"),
+) -> dict[tuple[str, str], InProcessBench | ActorBench | RingBench]:
     """In-process and (unless ``--no-ray``) actor benches of ``kinds`` for each payload dtype (see ``wait_ready``)."""
-    benches: dict[tuple[str, str], InProcessBench | ActorBench] = {}
+    benches: dict[tuple[str, str], InProcessBench | ActorBench | RingBench] = {}
     for dtype in dtypes:
         if "in-process" in kinds:
             benches[("in-process", dtype)] = InProcessBench(workload, dtype)
@@ -217,13 +291,17 @@ def make_benches(
             benches[("actor", dtype)] = ActorBench(
                 workload, dtype, args.max_in_flight, int(args.max_in_flight_mib * 2**20)
             )
+        if "actor, shared memory" in kinds and not args.no_ray:
+            benches[("actor, shared memory", dtype)] = RingBench(workload, dtype, args.max_in_flight)
     return benches
 
 
 def wait_ready(*bench_dicts: dict) -> None:
     """Wait until every actor of ``bench_dicts`` is up (they start concurrently), then run one untimed
     epoch on every bench: numba compiles the balancing kernel per payload dtype and W on first use."""
-    ray.get([b.ready() for benches in bench_dicts for b in benches.values() if isinstance(b, ActorBench)])
+    ray.get(
+        [b.ready() for benches in bench_dicts for b in benches.values() if not isinstance(b, InProcessBench)]
+    )
     for benches in bench_dicts:
         for bench in benches.values():
             bench.measure(1)
@@ -231,7 +309,7 @@ def wait_ready(*bench_dicts: dict) -> None:
 
 def close_benches(benches: dict) -> None:
     for bench in benches.values():
-        if isinstance(bench, ActorBench):
+        if not isinstance(bench, InProcessBench):
             bench.close()
 
 
@@ -327,7 +405,11 @@ def scaling_table(args: argparse.Namespace, pair_costs: dict[int, float], dtypes
     The servers of one W start together, then each runs ``scaling_repeats`` measurements in a row.
     """
     per_worker_rate = (args.microbatch / 2) / args.step_seconds
-    kind = "in-process" if args.no_ray else "actor"
+    kind = (
+        "in-process"
+        if args.no_ray
+        else {"ray": "actor", "shared_memory": "actor, shared memory"}[args.transport]
+    )
     samples: dict[tuple, list[float]] = {}
     for num_workers in args.scaling_workers:
         workloads = {dim: size_workload(dim, num_workers, pair_costs[dim], args) for dim in args.dims}
@@ -359,7 +441,7 @@ def scaling_table(args: argparse.Namespace, pair_costs: dict[int, float], dtypes
         rows.append(row)
     print()
     print(
-        f"Scaling: {'Ray actor' if kind == 'actor' else 'in-process server'} capacity in pairs/s "
+        f"Scaling: {kind} capacity in pairs/s "
         f"(capacity / production), median of {args.scaling_repeats}, for W simulated producers; "
         f"production = W × {args.microbatch}/2 pairs per step / {args.step_seconds * 1e3:.1f} ms per step = "
         f"W × {per_worker_rate:,.0f} pairs/s; **sat**: production ≥ capacity; (<2×): below the 2× goal"
@@ -424,6 +506,12 @@ def main() -> None:
     )
     parser.add_argument("--microbatch", type=int, default=16, help="units per worker step (example units)")
     parser.add_argument("--no-ray", action="store_true", help="in-process server only")
+    parser.add_argument(
+        "--transport",
+        choices=["shared_memory", "ray"],
+        default="shared_memory",
+        help="how the scaling table's producers reach the actor (ordering.transport)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="d = 1e4, 1e5; W up to 16; 1 repeat; shorter runs"
     )

@@ -272,24 +272,25 @@ class OrderServer:
         return position - self.cursor
 
     def _take(self, rank: int, count: int) -> np.ndarray:
-        parts, position, chunks = [], self.cursor, self.pending[rank]
-        while count > 0:
-            chunk = chunks.pop(position)
-            if len(chunk) > count:
-                chunks[position + count] = chunk[count:]
-                chunk = chunk[:count]
-            parts.append(chunk)
-            position += len(chunk)
-            count -= len(chunk)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        """The first ``count`` pending items of ``rank`` (at most its first chunk's): a view, no copy."""
+        chunk = self.pending[rank].pop(self.cursor)
+        if len(chunk) > count:
+            self.pending[rank][self.cursor + count] = chunk[count:]
+        return chunk[:count]
 
     def _apply_ready(self) -> None:
         ready = min(self._available(rank) for rank in range(self.num_workers))
         ready = min(ready, self.ordering.items_per_epoch - self.cursor)
-        if ready > 0:
-            # per rank, in the wire format: no stacking copy, and half payloads are widened in registers
-            self.ordering.observe_items([self._take(rank, ready) for rank in range(self.num_workers)])
-            self.cursor += ready
+        remaining = ready
+        while remaining > 0:
+            # the longest run that is one chunk on every rank: per-rank views in the wire format, so
+            # nothing is stacked or concatenated, and half payloads are widened in registers
+            count = min(
+                remaining, *(len(self.pending[rank][self.cursor]) for rank in range(self.num_workers))
+            )
+            self.ordering.observe_items([self._take(rank, count) for rank in range(self.num_workers)])
+            self.cursor += count
+            remaining -= count
         if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()
         self._release_rings()
