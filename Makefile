@@ -32,6 +32,7 @@ test: setup
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python benchmarks/server_throughput.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/blocked_balance.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/epoch_overhead.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/sketch_quality.py $(BENCH_ARGS)
 
