@@ -8,11 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
+import torch
 from ray import tune
 
 import orderlab
 from orderlab import results
+from orderlab.errors import OrderlabError
+from orderlab.server import RemoteOrderServer
 from orderlab.tasks import resolve_data_dir
+from orderlab.worker import message_transport
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +114,17 @@ def test_ray_calls_and_shared_memory_give_the_same_trial(two_trial_sweep, tmp_pa
     ray_calls = results.connect(str(tmp_path)).sql(query).df()
     assert shared_memory.to_dict("list") == ray_calls.to_dict("list")
     assert shared_memory["order_digest"].nunique() == 2
+
+
+def test_transport_follows_the_node_and_the_device(ray_cluster):
+    server = RemoteOrderServer.remote("cd-grab", num_workers=1, shard_size=4, dim=3, seed=0)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert message_transport("auto", server, cpu) == "shared_memory"  # this process shares its node
+    assert message_transport("auto", server, gpu) == "ray"
+    assert message_transport("ray", server, cpu) == "ray"
+    with pytest.raises(OrderlabError, match="ordering.transport: shared_memory needs CPU workers"):
+        message_transport("shared_memory", server, gpu)
+    ray.kill(server)
 
 
 def test_summary_compares_against_the_baseline(two_trial_sweep):

@@ -1,4 +1,5 @@
-"""The fused one-pass sign rule and per-worker item arrays (the order server's no-copy input path)."""
+"""The fused sign rule (two vectors per pass over r) and per-worker item arrays (the order server's
+no-copy input path)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ def plain_rule(running_sum: np.ndarray, vectors: list[np.ndarray]) -> list[bool]
 
 
 @pytest.mark.parametrize(
-    ("num_arrays", "num_rows", "dim"), [(1, 1, 3), (1, 7, 50), (4, 5, 1000), (3, 2, 100_003)]
+    ("num_arrays", "num_rows", "dim"),
+    [
+        (1, 1, 3),
+        (2, 1, 10),
+        (3, 1, 10),
+        (1, 7, 50),
+        (4, 5, 1000),
+        (3, 2, 100_003),
+    ],  # 1, 2, 3, 7, 20, 6 vectors
 )
 def test_fused_balance_equals_the_plain_rule(num_arrays: int, num_rows: int, dim: int) -> None:
     rng = np.random.default_rng(dim)

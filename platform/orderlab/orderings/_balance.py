@@ -81,7 +81,7 @@ class SignRule:
         Returns:
             bool [k, len(arrays)]: ε = +1 per vector. The same signs and the same running sum as
             ``balance`` on each vector in that sequence, up to the inner product's rounding: the
-            deterministic rule runs ``fused_balance``, one pass per vector.
+            deterministic rule runs ``fused_balance``, one pass over r per two vectors.
         """
         if not self.probabilistic:
             return fused_balance(running_sum, tuple(arrays))
@@ -118,16 +118,26 @@ def _to_float32(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compil
     return types.float32(value), codegen
 
 
+@numba.njit(inline="always")
+def _vector(arrays: tuple[np.ndarray, ...], index: int) -> np.ndarray:  # pragma: no cover
+    """Vector ``index`` of the j-major sequence: row index // len(arrays) of array index % len(arrays)."""
+    return arrays[index % len(arrays)][index // len(arrays)]
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:  # pragma: no cover
-    """The deterministic sign rule over a sequence of vectors with one pass over memory per vector.
+    """The deterministic sign rule over a sequence of vectors, two vectors per pass over memory.
 
-    The sequence is row j of every array in turn, j-major. The update r ± v of one vector and the
-    inner product <r, v'> of the next are one loop, so r and each v are read once per vector
-    instead of twice (the plain rule's inner product, then its update), and float16/bfloat16
-    payloads are widened in registers, never copied. r stays float32 and gets exactly the plain
-    rule's sums; the inner product accumulates in float64 (vectorised, so its rounding differs from
-    a sequential sum). Compiled by numba on first use and cached on disk.
+    The sequence is row j of every array in turn, j-major. Each pass adds the two vectors just
+    decided, ε_a v_a then ε_b v_b, to r, and in the same loop takes the inner products of the new r
+    with the next two vectors v_c, v_d and <v_c, v_d>. Then ε_c follows from <r, v_c> and ε_d from
+    <r + ε_c v_c, v_d> = <r, v_d> + ε_c <v_c, v_d>, on scalars. So r is read and written once per two
+    vectors (the plain rule: twice per vector), each vector is read twice (its inner product, its
+    update), and float16/bfloat16 payloads are widened in registers, never copied. r stays float32
+    and gets exactly the plain rule's sums (each coordinate adds ε_a v_a, then ε_b v_b); the inner
+    products accumulate in float64 (vectorised, so their rounding differs from a sequential sum's).
+    Compiled by numba on first use and cached on disk. ``benchmarks/blocked_balance.py`` measures
+    larger blocks (the Gram matrix of k vectors per pass), which lose on the README's machine.
 
     Args:
         running_sum: float32 [d], updated in place.
@@ -138,29 +148,63 @@ def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np
         bool [k, len(arrays)]: True where ε = +1, i.e. <r, v> < 0 (docs/orderings.md; a tie gives -1).
     """
     num_arrays, num_rows, dim = len(arrays), arrays[0].shape[0], running_sum.shape[0]
+    total = num_arrays * num_rows
     positive = np.empty((num_rows, num_arrays), dtype=np.bool_)
-    if num_rows == 0:
+    if total == 0:
         return positive
-    inner = 0.0
-    first = arrays[0][0]
+    r = running_sum
+    if total == 1:
+        vector, inner = arrays[0][0], 0.0
+        for i in range(dim):
+            inner += np.float64(r[i]) * np.float64(_to_float32(vector[i]))
+        positive[0, 0] = inner < 0.0
+        sign = np.float32(1.0) if inner < 0.0 else np.float32(-1.0)
+        for i in range(dim):
+            r[i] += sign * _to_float32(vector[i])
+        return positive
+    first, second = _vector(arrays, 0), _vector(arrays, 1)
+    inner_c = inner_d = gram = 0.0
     for i in range(dim):
-        inner += np.float64(running_sum[i]) * np.float64(_to_float32(first[i]))
-    for j in range(num_rows):
-        for a in range(num_arrays):
-            vector = arrays[a][j]
-            positive[j, a] = inner < 0.0
+        x, c, e = np.float64(r[i]), np.float64(_to_float32(first[i])), np.float64(_to_float32(second[i]))
+        inner_c += x * c
+        inner_d += x * e
+        gram += c * e
+    decided = 0  # vectors decided and added to r so far
+    while True:
+        # decide vectors `decided` and `decided + 1`, then add them and look at the next ones
+        positive[decided // num_arrays, decided % num_arrays] = inner_c < 0.0
+        sign_a = np.float32(1.0) if inner_c < 0.0 else np.float32(-1.0)
+        inner_b = inner_d + np.float64(sign_a) * gram
+        positive[(decided + 1) // num_arrays, (decided + 1) % num_arrays] = inner_b < 0.0
+        sign_b = np.float32(1.0) if inner_b < 0.0 else np.float32(-1.0)
+        a, b = _vector(arrays, decided), _vector(arrays, decided + 1)
+        decided += 2
+        remaining = total - decided
+        if remaining == 0:
+            for i in range(dim):
+                r[i] = (r[i] + sign_a * _to_float32(a[i])) + sign_b * _to_float32(b[i])
+            return positive
+        if remaining == 1:  # an odd sequence: the last vector alone
+            last, inner = _vector(arrays, decided), 0.0
+            for i in range(dim):
+                updated = (r[i] + sign_a * _to_float32(a[i])) + sign_b * _to_float32(b[i])
+                r[i] = updated
+                inner += np.float64(updated) * np.float64(_to_float32(last[i]))
+            positive[decided // num_arrays, decided % num_arrays] = inner < 0.0
             sign = np.float32(1.0) if inner < 0.0 else np.float32(-1.0)
-            if j == num_rows - 1 and a == num_arrays - 1:
-                for i in range(dim):
-                    running_sum[i] += sign * _to_float32(vector[i])
-            else:
-                following = arrays[a + 1][j] if a + 1 < num_arrays else arrays[0][j + 1]
-                inner = 0.0
-                for i in range(dim):
-                    updated = running_sum[i] + sign * _to_float32(vector[i])
-                    running_sum[i] = updated
-                    inner += np.float64(updated) * np.float64(_to_float32(following[i]))
-    return positive
+            for i in range(dim):
+                r[i] += sign * _to_float32(last[i])
+            return positive
+        c_vector, d_vector = _vector(arrays, decided), _vector(arrays, decided + 1)
+        inner_c = inner_d = gram = 0.0
+        for i in range(dim):
+            updated = (r[i] + sign_a * _to_float32(a[i])) + sign_b * _to_float32(b[i])
+            r[i] = updated
+            x = np.float64(updated)
+            c, e = np.float64(_to_float32(c_vector[i])), np.float64(_to_float32(d_vector[i]))
+            inner_c += x * c
+            inner_d += x * e
+            gram += c * e
 
 
 class NextOrder:
