@@ -83,7 +83,11 @@ VARIANTS = {
     "rr": {"name": "rr"},
     "cd-grab": {"name": "cd-grab"},
     "cd-grab sketch256 fp16": {"name": "cd-grab", "sketch_dim": 256, "payload_dtype": "float16"},
+    "cd-grab ray calls": {"name": "cd-grab", "transport": "ray"},  # not run unless --variants names it
 }
+DEFAULT_VARIANTS = ("rr", "cd-grab", "cd-grab sketch256 fp16")
+#: the ordering settings a variant leaves at their defaults
+ORDERING_DEFAULTS = {"sketch_dim": None, "payload_dtype": "float32", "transport": "auto"}
 
 
 def worker_can_run(task: str) -> str | None:
@@ -179,8 +183,8 @@ def run_task_sweep(task: str, args: argparse.Namespace, storage: str) -> float:
 def variant_name(config_json: str) -> str:
     ordering = json.loads(config_json)["ordering"]
     for name, spec in VARIANTS.items():
-        if all(ordering.get(k) == v for k, v in spec.items()) and (
-            "sketch_dim" in spec or ordering.get("sketch_dim") is None
+        if all(
+            ordering.get(k, ORDERING_DEFAULTS.get(k)) == v for k, v in {**ORDERING_DEFAULTS, **spec}.items()
         ):
             return name
     return ordering["name"]
@@ -410,7 +414,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per trial (epoch 0 is left out)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of: {', '.join(VARIANTS)}")
     parser.add_argument(
         "--anatomy-steps", type=int, default=48, help="steps timed per part of the step anatomy"
     )
