@@ -280,6 +280,11 @@ class ServerMessenger:
             self.ring = MessageRing.create(self.max_in_flight + 1, rows * row_bytes)
             try:
                 ray.get(self.server.attach_ring.remote(self.rank, self.ring.path))
+            except FileNotFoundError as error:  # e.g. the server's /dev/shm is not this worker's
+                raise OrderlabError(
+                    f"the order server cannot open worker {self.rank}'s ring {self.ring.path} ({error}); "
+                    "set ordering.transport: ray"
+                ) from error
             finally:
                 self.ring.unlink()  # the server has mapped it (or failed): the memory lives on in the mappings
         self.wait_seconds += self.ring.wait_for_slot(self._check_ring)
