@@ -66,15 +66,21 @@ class MessageRing:
     def create(cls, slots: int, slot_bytes: int, directory: str | None = None) -> MessageRing:
         """A new ring of ``slots`` slots of at least ``slot_bytes`` bytes in ``directory`` (``ring_directory()``).
 
+        The file's memory is allocated here (``posix_fallocate``), so a full /dev/shm is an OSError
+        now rather than a SIGBUS at the first write.
+
         Raises:
-            OSError: the file cannot be created or sized (e.g. /dev/shm is full).
+            OSError: the file cannot be created or allocated (e.g. /dev/shm is full); nothing is left behind.
         """
         slot_bytes = _round_up(max(slot_bytes, 1), _PAGE)
         size = _round_up(8 * (_HEADER_WORDS + _META_WORDS * slots), _PAGE) + slots * slot_bytes
         descriptor, path = tempfile.mkstemp(prefix="orderlab-ring-", dir=directory or ring_directory())
         try:
-            os.ftruncate(descriptor, size)
+            os.posix_fallocate(descriptor, 0, size)
             memory = mmap.mmap(descriptor, size)
+        except OSError:
+            Path(path).unlink(missing_ok=True)
+            raise
         finally:
             os.close(descriptor)
         header = np.ndarray((_HEADER_WORDS,), np.int64, memory)

@@ -160,7 +160,10 @@ class OrderServer:
         else:
             self.restore(state)
         self.generation += 1
-        self._release_rings()  # the previous generation's messages are dropped
+        # the new group's workers attach rings of their own; a poller that failed starts again then
+        self.rings.clear()
+        if self._poll_error is not None:
+            self._poll_error, self._poller = None, None
         self._changed.set()
         return self.generation
 

@@ -14,6 +14,7 @@ n = shard_size; the tail that does not fill W equal shards of whole steps is dro
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orderlab import results
-from orderlab.channel import WIRE_DTYPES, MessageRing
+from orderlab.channel import WIRE_DTYPES, MessageRing, ring_directory
 from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import (
@@ -271,13 +272,31 @@ class ServerMessenger:
         return self.send_buffer[self.rows_buffered - count : self.rows_buffered]
 
     def _next_slot(self, count: int, width: int) -> torch.Tensor:
-        """The ring's next free slot as a tensor [rows, width] in the payload dtype (creating the ring,
-        sized for ``message_steps`` steps of ``count`` rows, at the first message)."""
+        """The ring's next free slot as a tensor [rows, width] in the payload dtype (creating the ring
+        at the first message).
+
+        A slot holds ``message_steps`` steps of up to ``count`` + 1 rows (at most ``MAX_SLOT_BYTES``).
+        When it holds fewer steps, the ring gets enough extra slots for ``message_steps`` + 1 steps:
+        a slot is released only once every rank's rows for it have arrived, and a rank sending with
+        Ray calls sends them every ``message_steps`` steps, so fewer slots could wait on it forever.
+
+        Raises:
+            OrderlabError: the ring cannot be created, or the server cannot open it.
+        """
         wire = WIRE_DTYPES[self.payload_dtype]
         if self.ring is None:
-            row_bytes = width * wire.itemsize
-            rows = max(count + 2, min(self.message_steps * (count + 1) + 1, MAX_SLOT_BYTES // row_bytes))
-            self.ring = MessageRing.create(self.max_in_flight + 1, rows * row_bytes)
+            row_bytes, step_rows = width * wire.itemsize, count + 1
+            rows = max(count + 2, min(self.message_steps * step_rows + 1, MAX_SLOT_BYTES // row_bytes))
+            lag_slots = math.ceil((self.message_steps + 1) * step_rows / rows)  # a Ray rank's lag
+            slots = max(self.max_in_flight + 1, lag_slots + 1)
+            try:
+                self.ring = MessageRing.create(slots, rows * row_bytes)
+            except OSError as error:
+                raise OrderlabError(
+                    f"worker {self.rank} cannot create a shared-memory ring of {slots} × {rows * row_bytes / 2**20:.0f} "
+                    f"MiB ({error}); free space in {ring_directory()}, lower ordering.message_steps or "
+                    "max_in_flight, or set ordering.transport: ray"
+                ) from error
             try:
                 ray.get(self.server.attach_ring.remote(self.rank, self.ring.path))
             except FileNotFoundError as error:  # e.g. the server's /dev/shm is not this worker's

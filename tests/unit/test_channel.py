@@ -140,3 +140,25 @@ def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_p
         assert not restarted.has_ring(0, ring.path)
 
     asyncio.run(scenario())
+
+
+def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_path) -> None:
+    server = make_server("cd-grab", num_workers=1, shard_size=4, dim=3)
+
+    async def scenario() -> None:
+        generation = await server.reset(None)
+        ring = MessageRing.create(2, 64, str(tmp_path))
+        await server.attach_ring(0, ring.path)
+        ring.publish(5, 0, 0, 1, 3, np.float32, generation)  # an epoch the server cannot be building
+        with pytest.raises(RuntimeError, match="stopped reading shared-memory rings"):
+            await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
+        generation = await server.reset(None)  # a new worker group: a new ring, a new poller
+        assert not server.has_ring(0, ring.path)
+        fresh = MessageRing.create(2, 64, str(tmp_path))
+        await server.attach_ring(0, fresh.path)
+        fresh.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+        fresh.publish(0, 0, 0, 2, 3, np.float32, generation)
+        orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
+        assert sorted(orders.tolist()) == [0, 1, 2, 3] and fresh.released == 1
+
+    asyncio.run(scenario())
