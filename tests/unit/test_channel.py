@@ -120,13 +120,22 @@ def test_ring_messages_give_the_orders_of_a_centralized_run(name: str, dtype: ty
     assert_same_orders(got, expected)
 
 
+SMALL_SERVER = dict(name="cd-grab", num_workers=1, shard_size=4, dim=3)  # 2 pairs of 3 coordinates per epoch
+
+
+async def new_generation_with_ring(server: OrderServer, directory: str) -> tuple[int, MessageRing]:
+    """A new worker group's generation and its rank-0 ring (2 slots), attached."""
+    generation = await server.reset(None)
+    ring = MessageRing.create(2, 64, directory)
+    await server.attach_ring(0, ring.path)
+    return generation, ring
+
+
 def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_path) -> None:
-    server = make_server("cd-grab", num_workers=1, shard_size=4, dim=3)
+    server = make_server(**SMALL_SERVER)
 
     async def scenario() -> None:
-        generation = await server.reset(None)
-        ring = MessageRing.create(1, 64, str(tmp_path))
-        await server.attach_ring(0, ring.path)
+        generation, ring = await new_generation_with_ring(server, str(tmp_path))
         ring.slot_array(3, np.float32)[:2] = 1.0
         ring.publish(0, 0, 0, 2, 3, np.float32, generation - 1)  # a crashed group's message
         for _ in range(100):
@@ -136,26 +145,22 @@ def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_p
         assert ring.released == 1 and server.cursor == 0  # dropped, and its slot handed back
         with pytest.raises(RuntimeError, match="restarted"):
             await server.begin_epoch(1, 0, generation + 1)
-        restarted = make_server("cd-grab", num_workers=1, shard_size=4, dim=3)
+        restarted = make_server(**SMALL_SERVER)
         assert not restarted.has_ring(0, ring.path)
 
     asyncio.run(scenario())
 
 
 def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_path) -> None:
-    server = make_server("cd-grab", num_workers=1, shard_size=4, dim=3)
+    server = make_server(**SMALL_SERVER)
 
     async def scenario() -> None:
-        generation = await server.reset(None)
-        ring = MessageRing.create(2, 64, str(tmp_path))
-        await server.attach_ring(0, ring.path)
+        generation, ring = await new_generation_with_ring(server, str(tmp_path))
         ring.publish(5, 0, 0, 1, 3, np.float32, generation)  # an epoch the server cannot be building
         with pytest.raises(RuntimeError, match="stopped reading shared-memory rings"):
             await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
-        generation = await server.reset(None)  # a new worker group: a new ring, a new poller
+        generation, fresh = await new_generation_with_ring(server, str(tmp_path))  # a new poller too
         assert not server.has_ring(0, ring.path)
-        fresh = MessageRing.create(2, 64, str(tmp_path))
-        await server.attach_ring(0, fresh.path)
         fresh.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
         fresh.publish(0, 0, 0, 2, 3, np.float32, generation)
         orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
