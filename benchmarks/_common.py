@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: the machine line, medians, markdown tables.
+"""Helpers shared by the benchmark scripts: the machine line, medians, markdown tables, the plain rule.
 
 Each script runs standalone (``python benchmarks/<name>.py``); Python puts the script's folder on
 ``sys.path``, so they import this module as ``_common``.
@@ -13,6 +13,8 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 
 def machine_line() -> str:
@@ -82,3 +84,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def parse_sizes(text: str) -> list[int]:
     """``"1e4,1e5"`` -> ``[10000, 100000]``."""
     return [int(float(part)) for part in text.split(",") if part.strip()]
+
+
+def plain_balance(
+    running_sum: np.ndarray, arrays: Sequence[np.ndarray], signs: np.ndarray | None = None
+) -> None:
+    """The plain per-vector rule the benchmarks compare against, on float32 numpy arrays: row j of every
+    array in turn, ``if r @ v < 0: r += v else: r -= v``; ε = +1 goes to ``signs[j, a]`` when given."""
+    for j in range(len(arrays[0])):
+        for a, array in enumerate(arrays):
+            vector = array[j]
+            positive = running_sum @ vector < 0
+            if positive:
+                running_sum += vector
+            else:
+                running_sum -= vector
+            if signs is not None:
+                signs[j, a] = positive

@@ -21,7 +21,7 @@ import time
 
 import numba
 import numpy as np
-from _common import machine_line, markdown_table, parse_sizes
+from _common import machine_line, markdown_table, parse_sizes, plain_balance
 
 from orderlab.orderings._balance import fused_balance
 
@@ -71,16 +71,11 @@ def blocked_balance(running_sum, arrays, block, chunk):  # pragma: no cover - co
         previous, previous_count, start = start, count, start + count
 
 
-def plain_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:
-    positive = np.empty((len(arrays[0]), len(arrays)), dtype=np.bool_)
-    for j in range(len(arrays[0])):
-        for a, array in enumerate(arrays):
-            positive[j, a] = running_sum @ array[j] < 0
-            if positive[j, a]:
-                running_sum += array[j]
-            else:
-                running_sum -= array[j]
-    return positive
+def plain_kernel(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``plain_balance`` with its signs, as the kernels return them: bool [k, len(arrays)]."""
+    signs = np.empty((len(arrays[0]), len(arrays)), dtype=np.bool_)
+    plain_balance(running_sum, arrays, signs)
+    return signs
 
 
 def timed_run(kernel, dim: int, arrays: tuple, repeats: int = 3) -> tuple[float, np.ndarray, np.ndarray]:
@@ -117,7 +112,7 @@ def main() -> None:
         for array in arrays:
             array.flags.writeable = False  # as the server's arrays (Ray's object store, the rings)
         count = 4 * per_array
-        plain, plain_signs, plain_sum = timed_run(plain_balance, dim, arrays)
+        plain, plain_signs, plain_sum = timed_run(plain_kernel, dim, arrays)
         fused, signs, running_sum = timed_run(fused_balance, dim, arrays)
         same = np.array_equal(signs, plain_signs) and np.array_equal(running_sum, plain_sum)
         rows.append([f"{dim:.0e}", "plain", f"{1e6 * plain / count:.2f}", "1", "-", "-"])

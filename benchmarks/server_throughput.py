@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
-from _common import fmt, machine_line, markdown_table, median, parse_sizes, timed
+from _common import fmt, machine_line, markdown_table, median, parse_sizes, plain_balance, timed
 
 from orderlab.channel import WIRE_DTYPES, MessageRing
 from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer, encode_payload
@@ -108,13 +108,7 @@ def plain_loop_seconds(workload: Workload, epochs: int) -> float:
         for _ in range(epochs):
             running_sum = np.zeros(workload.dim, dtype=np.float32)
             for batch in rounds:
-                for j in range(len(batch[0])):
-                    for items in batch:
-                        vector = items[j]
-                        if running_sum @ vector < 0:
-                            running_sum += vector
-                        else:
-                            running_sum -= vector
+                plain_balance(running_sum, batch)
 
     return timed(run)
 

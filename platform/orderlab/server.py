@@ -334,15 +334,15 @@ class OrderServer:
         """Hand back every ring slot whose items are applied, stale, or dropped (held in order per ring)."""
         for attached in self.rings.values():
             count = 0
-            for epoch, end, generation in attached.held:
-                done = generation != self.generation or epoch < self.epoch or end <= self.cursor
-                if not done:
-                    break
+            while attached.held and self._done_with(*attached.held[0]):
+                attached.held.popleft()
                 count += 1
             if count:
-                for _ in range(count):
-                    attached.held.popleft()
                 attached.ring.release(count)
+
+    def _done_with(self, epoch: int, end: int, generation: int) -> bool:
+        """Whether a message's items are applied or will never be (an earlier epoch or generation)."""
+        return generation != self.generation or epoch < self.epoch or end <= self.cursor
 
     def _advance(self) -> None:
         self.epoch += 1

@@ -179,8 +179,9 @@ class ServerMessenger:
     pair difference is written once, straight from the two unit gradients. Two transports:
 
     - ``shared_memory`` (CPU workers on the server's node): the send buffer is the next free slot
-      of a ``MessageRing`` that the server polls; sending publishes the slot. At most
-      ``max_in_flight`` + 1 slots exist, so a worker waits only when the server is that far behind.
+      of a ``MessageRing`` that the server polls; sending publishes the slot. The ring has
+      ``max_in_flight`` + 1 slots (more when a slot holds fewer than ``message_steps`` steps, see
+      ``_next_slot``), so a worker waits only when the server is that far behind.
     - ``ray``: the send buffer stays on the device and ``push.remote`` sends a view of its rows (Ray
       copies arguments when a call is made, so the buffer is reused at once); at most
       ``max_in_flight`` calls are outstanding.
