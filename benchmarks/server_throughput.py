@@ -210,9 +210,9 @@ class RingBench:
     vector from memory, as the plain loop reads its pool.
     """
 
-    def __init__(self, workload: Workload, payload_dtype: str, max_in_flight: int) -> None:
+    def __init__(self, workload: Workload, payload_dtype: str, max_in_flight: int, threads: int = 1) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
-        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args())
+        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args(), threads=threads)
         wire = WIRE_DTYPES[payload_dtype]
         slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
         self.rings = [MessageRing.create(max_in_flight + 1, slot_bytes) for _ in range(workload.num_workers)]
@@ -274,9 +274,11 @@ def make_benches(
     workload: Workload,
     dtypes: list[str],
     args: argparse.Namespace,
-    kinds: tuple[str, ...] = ("in-process", "actor", "actor, shared memory"),
+    kinds: tuple[str, ...] | None = None,
 ) -> dict[tuple[str, str], InProcessBench | ActorBench | RingBench]:
-    """In-process and (unless ``--no-ray``) actor benches of ``kinds`` for each payload dtype (see ``wait_ready``)."""
+    """In-process and (unless ``--no-ray``) actor benches of ``kinds`` (default: all) for each payload
+    dtype (see ``wait_ready``); a shared-memory actor per ``--server-threads`` count."""
+    kinds = kinds or ("in-process", "actor", *(ring_kind(t) for t in args.server_threads))
     benches: dict[tuple[str, str], InProcessBench | ActorBench | RingBench] = {}
     for dtype in dtypes:
         if "in-process" in kinds:
@@ -285,9 +287,16 @@ def make_benches(
             benches[("actor", dtype)] = ActorBench(
                 workload, dtype, args.max_in_flight, int(args.max_in_flight_mib * 2**20)
             )
-        if "actor, shared memory" in kinds and not args.no_ray:
-            benches[("actor, shared memory", dtype)] = RingBench(workload, dtype, args.max_in_flight)
+        for threads in args.server_threads:
+            kind = ring_kind(threads)
+            if kind in kinds and not args.no_ray:
+                benches[(kind, dtype)] = RingBench(workload, dtype, args.max_in_flight, threads)
     return benches
+
+
+def ring_kind(threads: int) -> str:
+    """The bench name of the shared-memory actor balancing on ``threads`` threads."""
+    return "actor, shared memory" + (f", {threads} threads" if threads > 1 else "")
 
 
 def wait_ready(*bench_dicts: dict) -> None:
@@ -402,7 +411,7 @@ def scaling_table(args: argparse.Namespace, pair_costs: dict[int, float], dtypes
     kind = (
         "in-process"
         if args.no_ray
-        else {"ray": "actor", "shared_memory": "actor, shared memory"}[args.transport]
+        else {"ray": "actor", "shared_memory": ring_kind(max(args.server_threads))}[args.transport]
     )
     samples: dict[tuple, list[float]] = {}
     for num_workers in args.scaling_workers:
@@ -499,6 +508,12 @@ def main() -> None:
         "--step-seconds", type=float, default=DEFAULT_STEP_SECONDS, help="a worker's cd-grab step time"
     )
     parser.add_argument("--microbatch", type=int, default=16, help="units per worker step (example units)")
+    parser.add_argument(
+        "--server-threads",
+        type=parse_sizes,
+        default=parse_sizes("1,2"),
+        help="ordering.server_threads of the shared-memory actors (the scaling table takes the largest)",
+    )
     parser.add_argument("--no-ray", action="store_true", help="in-process server only")
     parser.add_argument(
         "--transport",

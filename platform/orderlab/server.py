@@ -24,7 +24,7 @@ import torch
 
 from orderlab.channel import MessageRing
 from orderlab.orderings import make_ordering
-from orderlab.orderings._balance import widen
+from orderlab.orderings._balance import set_balance_threads, widen
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,11 @@ class OrderServer:
         ordering: the ordering's name. num_workers: W. shard_size: n units per worker.
         dim: d, the length of the vectors workers send (the sketch length when sketching).
         seed, first_epoch, balance, balance_c: as ``orderlab.orderings.make_ordering``.
+        threads: threads to balance with (``ordering.server_threads``; ``set_balance_threads``).
         Message items may be in any wire format (``encode_payload``): the arrays say which.
 
     Raises:
-        OrderlabError: from ``make_ordering`` on an unknown name or invalid value.
+        OrderlabError: from ``make_ordering`` on an unknown name or invalid value; threads < 1.
     """
 
     def __init__(
@@ -114,7 +115,9 @@ class OrderServer:
         first_epoch: str = "random",
         balance: str = "deterministic",
         balance_c: float = 30.0,
+        threads: int = 1,
     ) -> None:
+        self.threads = set_balance_threads(threads)
         self._ordering_args = dict(
             num_workers=num_workers,
             shard_size=shard_size,

@@ -201,6 +201,7 @@ def run_trial(
         first_epoch=cfg.ordering.first_epoch,
         balance=cfg.ordering.balance,
         balance_c=cfg.ordering.balance_c,
+        threads=cfg.ordering.server_threads,
     )
     resources = cfg.resources
     fs, fs_root = storage_location(cfg.storage)

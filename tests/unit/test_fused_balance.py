@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from orderlab.errors import OrderlabError
 from orderlab.orderings import make_ordering
-from orderlab.orderings._balance import SignRule, fused_balance, rank_arrays
+from orderlab.orderings._balance import (
+    PARALLEL_MIN_DIM,
+    SignRule,
+    fused_balance,
+    rank_arrays,
+    set_balance_threads,
+)
 
 
 def plain_rule(running_sum: np.ndarray, vectors: list[np.ndarray]) -> list[bool]:
@@ -43,6 +50,44 @@ def test_fused_balance_equals_the_plain_rule(num_arrays: int, num_rows: int, dim
     assert positive.shape == (num_rows, num_arrays)
     assert positive.ravel().tolist() == expected
     np.testing.assert_array_equal(fused_sum, plain_sum)  # float32 r ± v, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_fused_balance_on_threads_gives_the_signs_and_sums_of_one_thread(dtype: type) -> None:
+    """r sharded over 2 threads by coordinates: the chunks' sums are added in chunk order, so the
+    signs cannot depend on the thread count; r is bit for bit the same too."""
+    dim = PARALLEL_MIN_DIM + 12_345  # the last chunk is partial
+    rng = np.random.default_rng(3)
+    arrays = tuple(rng.standard_normal((5, dim), dtype=np.float32).astype(dtype) for _ in range(3))
+    arrays = tuple(rank_arrays(list(arrays), 3, dim, "pair_differences"))
+    serial_sum, threaded_sum = np.zeros(dim, np.float32), np.zeros(dim, np.float32)
+    serial = fused_balance(serial_sum, arrays)
+    set_balance_threads(2)
+    try:
+        threaded = SignRule(balance="deterministic", balance_c=1.0, seed=0, num_sums=1).balance_rows(
+            threaded_sum, list(arrays), 0
+        )
+    finally:
+        set_balance_threads(1)
+    np.testing.assert_array_equal(threaded, serial)
+    np.testing.assert_array_equal(threaded_sum, serial_sum)
+    plain_sum = np.zeros(dim, np.float32)
+    widened = [a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a for a in arrays]
+    assert serial.ravel().tolist() == plain_rule(
+        plain_sum, [widened[a][j] for j in range(5) for a in range(3)]
+    )
+    np.testing.assert_array_equal(serial_sum, plain_sum)
+
+
+def test_set_balance_threads_rejects_zero_and_caps_at_numbas_threads() -> None:
+    import numba
+
+    with pytest.raises(OrderlabError, match="server_threads=0"):
+        set_balance_threads(0)
+    try:
+        assert set_balance_threads(10_000) == numba.config.NUMBA_NUM_THREADS
+    finally:
+        set_balance_threads(1)
 
 
 def test_fused_balance_widens_every_half_and_bfloat16_value_exactly() -> None:

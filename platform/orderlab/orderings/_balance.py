@@ -16,6 +16,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from orderlab.errors import OrderlabError
 from orderlab.seeding import BALANCE, ORDER, rng_for
 
 
@@ -29,6 +30,28 @@ def first_epoch_orders(num_workers: int, shard_size: int, seed: int, first_epoch
     if first_epoch == "identity":
         return torch.arange(shard_size).repeat(num_workers, 1)
     return torch.stack([random_permutation(shard_size, seed, w, 0) for w in range(num_workers)])
+
+
+#: threads for each pass of the deterministic rule's kernel in this process (``set_balance_threads``)
+_balance_threads = 1
+
+
+def set_balance_threads(threads: int) -> int:
+    """Balance on up to ``threads`` threads in this process (as ``torch.set_num_threads``); returns
+    the count taken: at most numba's ``NUMBA_NUM_THREADS`` (by default the machine's cores).
+
+    Each pass of ``fused_balance`` over r then splits its chunks over the threads when d ≥
+    ``PARALLEL_MIN_DIM``. The signs and sums do not depend on the count. The order server calls
+    this with ``ordering.server_threads``; it hosts one ordering per process.
+
+    Raises:
+        OrderlabError: ``threads`` < 1.
+    """
+    global _balance_threads
+    if threads < 1:
+        raise OrderlabError(f"ordering.server_threads={threads} must be ≥ 1")
+    _balance_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    return _balance_threads
 
 
 class SignRule:
@@ -84,7 +107,9 @@ class SignRule:
             deterministic rule runs ``fused_balance``, one pass over r per two vectors.
         """
         if not self.probabilistic:
-            return fused_balance(running_sum, tuple(arrays))
+            if _balance_threads > 1:
+                numba.set_num_threads(_balance_threads)  # numba's count is per calling thread
+            return fused_balance(running_sum, tuple(arrays), _balance_threads > 1)
         arrays = [widen(array) for array in arrays]
         positive = np.empty((len(arrays[0]), len(arrays)), dtype=np.bool_)
         for j in range(len(arrays[0])):
@@ -124,8 +149,55 @@ def _vector(arrays: tuple[np.ndarray, ...], index: int) -> np.ndarray:  # pragma
     return arrays[index % len(arrays)][index // len(arrays)]
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:  # pragma: no cover
+#: coordinates per chunk of a sweep over r: inner products accumulate in float32 within a chunk
+#: (vectorised, 8 lanes) and in float64 across chunks, in chunk order whatever the thread count;
+#: 16,384 float32 coordinates of the five vectors of a sweep (320 KiB) stay in a core's L2 cache
+CHUNK = 16_384
+
+#: the smallest d that ``fused_balance`` sweeps with several threads; below it a sweep is too short
+#: to pay for waking them (measured in benchmarks/blocked_balance.py)
+PARALLEL_MIN_DIM = 4 * CHUNK
+
+
+@numba.njit(nogil=True, fastmath={"reassoc", "contract"})
+def _sweep_chunk(r, adds, a, sign_a, b, sign_b, c, d, first, parts, chunk):  # pragma: no cover
+    """One chunk of a sweep, coordinates [first, first + CHUNK): r += ε_a a then ε_b b (the first
+    ``adds`` of the two), then the chunk's <r, c>, <r, d>, <c, d> as float32 sums into ``parts[chunk]``."""
+    last = min(first + CHUNK, r.shape[0])
+    r, a, b, c, d = r[first:last], a[first:last], b[first:last], c[first:last], d[first:last]
+    inner_c = inner_d = gram = np.float32(0.0)
+    for i in range(last - first):
+        updated = r[i]
+        if adds > 0:  # loop-invariant: LLVM unswitches the loop
+            updated += sign_a * _to_float32(a[i])
+            if adds > 1:
+                updated += sign_b * _to_float32(b[i])
+            r[i] = updated
+        x, y = _to_float32(c[i]), _to_float32(d[i])
+        inner_c += updated * x
+        inner_d += updated * y
+        gram += x * y
+    parts[chunk, 0], parts[chunk, 1], parts[chunk, 2] = inner_c, inner_d, gram
+
+
+@numba.njit(nogil=True, cache=True)
+def _sweep(r, adds, a, sign_a, b, sign_b, c, d, parts):  # pragma: no cover
+    """One pass over r, chunk by chunk (``_sweep_chunk``)."""
+    for chunk in range(parts.shape[0]):
+        _sweep_chunk(r, adds, a, sign_a, b, sign_b, c, d, chunk * CHUNK, parts, chunk)
+
+
+@numba.njit(nogil=True, parallel=True, cache=True)
+def _sweep_in_parallel(r, adds, a, sign_a, b, sign_b, c, d, parts):  # pragma: no cover
+    """One pass over r, its chunks split over numba's threads."""
+    for chunk in numba.prange(parts.shape[0]):
+        _sweep_chunk(r, adds, a, sign_a, b, sign_b, c, d, chunk * CHUNK, parts, chunk)
+
+
+@numba.njit(nogil=True, cache=True)
+def fused_balance(  # pragma: no cover
+    running_sum: np.ndarray, arrays: tuple[np.ndarray, ...], parallel: bool = False
+) -> np.ndarray:
     """The deterministic sign rule over a sequence of vectors, two vectors per pass over memory.
 
     The sequence is row j of every array in turn, j-major. Each pass adds the two vectors just
@@ -134,8 +206,12 @@ def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np
     <r + ε_c v_c, v_d> = <r, v_d> + ε_c <v_c, v_d>, on scalars. So r is read and written once per two
     vectors (the plain rule: twice per vector), each vector is read twice (its inner product, its
     update), and float16/bfloat16 payloads are widened in registers, never copied. r stays float32
-    and gets exactly the plain rule's sums (each coordinate adds ε_a v_a, then ε_b v_b); the inner
-    products accumulate in float64 (vectorised, so their rounding differs from a sequential sum's).
+    and gets exactly the plain rule's sums (each coordinate adds ε_a v_a, then ε_b v_b). The inner
+    products accumulate in float32 within chunks of ``CHUNK`` coordinates (as BLAS's ``sdot``, the
+    plain rule's) and in float64 across chunks, in chunk order, so the signs do not depend on
+    the thread count. With ``parallel`` and d ≥ ``PARALLEL_MIN_DIM`` each pass splits its chunks
+    over numba's threads (``numba.set_num_threads``; r is sharded by coordinates, and the signs are
+    still decided one pass at a time).
     Compiled by numba on first use and cached on disk. ``benchmarks/blocked_balance.py`` measures
     larger blocks (the Gram matrix of k vectors per pass), which lose on the README's machine.
 
@@ -143,6 +219,7 @@ def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np
         running_sum: float32 [d], updated in place.
         arrays: C-contiguous [k, d] each, all float32, or all uint16 (float16 bits), or all int16
             (bfloat16 bits) — the order server's wire formats, see ``rank_arrays``.
+        parallel: split each pass over ``numba.get_num_threads()`` threads.
 
     Returns:
         bool [k, len(arrays)]: True where ε = +1, i.e. <r, v> < 0 (docs/orderings.md; a tie gives -1).
@@ -152,59 +229,36 @@ def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np
     positive = np.empty((num_rows, num_arrays), dtype=np.bool_)
     if total == 0:
         return positive
-    r = running_sum
-    if total == 1:
-        vector, inner = arrays[0][0], 0.0
-        for i in range(dim):
-            inner += np.float64(r[i]) * np.float64(_to_float32(vector[i]))
-        positive[0, 0] = inner < 0.0
-        sign = np.float32(1.0) if inner < 0.0 else np.float32(-1.0)
-        for i in range(dim):
-            r[i] += sign * _to_float32(vector[i])
-        return positive
-    first, second = _vector(arrays, 0), _vector(arrays, 1)
-    inner_c = inner_d = gram = 0.0
-    for i in range(dim):
-        x, c, e = np.float64(r[i]), np.float64(_to_float32(first[i])), np.float64(_to_float32(second[i]))
-        inner_c += x * c
-        inner_d += x * e
-        gram += c * e
-    decided = 0  # vectors decided and added to r so far
+    parts = np.empty((-(-dim // CHUNK), 3), dtype=np.float32)
+    parallel = parallel and dim >= PARALLEL_MIN_DIM
+    a = b = _vector(arrays, 0)
+    sign_a = sign_b = np.float32(0.0)
+    adds = 0  # how many of a, b the next pass adds to r: the vectors decided last
+    decided = 0
     while True:
-        # decide vectors `decided` and `decided + 1`, then add them and look at the next ones
+        remaining = total - decided
+        c = _vector(arrays, decided) if remaining > 0 else a  # the last pass only adds: c, d unused
+        d = _vector(arrays, decided + 1) if remaining > 1 else c
+        if parallel:
+            _sweep_in_parallel(running_sum, adds, a, sign_a, b, sign_b, c, d, parts)
+        else:
+            _sweep(running_sum, adds, a, sign_a, b, sign_b, c, d, parts)
+        inner_c, inner_d, gram = 0.0, 0.0, 0.0  # the chunks' float32 sums, in chunk order
+        for chunk in range(len(parts)):
+            inner_c += parts[chunk, 0]
+            inner_d += parts[chunk, 1]
+            gram += parts[chunk, 2]
+        if remaining == 0:
+            return positive
         positive[decided // num_arrays, decided % num_arrays] = inner_c < 0.0
         sign_a = np.float32(1.0) if inner_c < 0.0 else np.float32(-1.0)
-        inner_b = inner_d + np.float64(sign_a) * gram
-        positive[(decided + 1) // num_arrays, (decided + 1) % num_arrays] = inner_b < 0.0
-        sign_b = np.float32(1.0) if inner_b < 0.0 else np.float32(-1.0)
-        a, b = _vector(arrays, decided), _vector(arrays, decided + 1)
-        decided += 2
-        remaining = total - decided
-        if remaining == 0:
-            for i in range(dim):
-                r[i] = (r[i] + sign_a * _to_float32(a[i])) + sign_b * _to_float32(b[i])
-            return positive
-        if remaining == 1:  # an odd sequence: the last vector alone
-            last, inner = _vector(arrays, decided), 0.0
-            for i in range(dim):
-                updated = (r[i] + sign_a * _to_float32(a[i])) + sign_b * _to_float32(b[i])
-                r[i] = updated
-                inner += np.float64(updated) * np.float64(_to_float32(last[i]))
-            positive[decided // num_arrays, decided % num_arrays] = inner < 0.0
-            sign = np.float32(1.0) if inner < 0.0 else np.float32(-1.0)
-            for i in range(dim):
-                r[i] += sign * _to_float32(last[i])
-            return positive
-        c_vector, d_vector = _vector(arrays, decided), _vector(arrays, decided + 1)
-        inner_c = inner_d = gram = 0.0
-        for i in range(dim):
-            updated = (r[i] + sign_a * _to_float32(a[i])) + sign_b * _to_float32(b[i])
-            r[i] = updated
-            x = np.float64(updated)
-            c, e = np.float64(_to_float32(c_vector[i])), np.float64(_to_float32(d_vector[i]))
-            inner_c += x * c
-            inner_d += x * e
-            gram += c * e
+        a, adds = c, 1
+        if remaining > 1:
+            inner_d += np.float64(sign_a) * gram  # <r + ε_c v_c, v_d>
+            positive[(decided + 1) // num_arrays, (decided + 1) % num_arrays] = inner_d < 0.0
+            sign_b = np.float32(1.0) if inner_d < 0.0 else np.float32(-1.0)
+            b, adds = d, 2
+        decided += adds
 
 
 class NextOrder:
