@@ -4,8 +4,9 @@ Blocked, for each block of k consecutive vectors V of the sequence: one sweep ov
 first applies the previous block's signed vectors to r (one at a time, so r gets exactly the plain
 rule's float32 sums), then accumulates V·r and the Gram matrix V·Vᵀ (float32 within a chunk, float64
 across chunks); then the k signs are decided on scalars, <r_q, v_q> = (V·r)_q + Σ_{p<q} ε_p G_qp.
-Fused (``orderlab.orderings._balance.fused_balance``, what the server runs): one pass per vector
-that updates r with one vector and takes the inner product with the next. Plain: ``r @ v`` then
+Fused (``orderlab.orderings._balance.fused_balance``, what the server runs): one pass per two
+vectors that adds the two decided last to r and takes the inner products with the next two, on one
+thread and (``--threads``, ``ordering.server_threads``) with each pass split over threads. Plain: ``r @ v`` then
 ``r ± v`` in numpy. All three run on the same unit-norm float32 vectors of a 64 MiB pool (W = 4
 arrays, j-major as the server balances them), once untimed and then the fastest of 3 runs; the script checks
 that the blocked and fused signs and running sums equal the plain loop's.
@@ -23,7 +24,7 @@ import numba
 import numpy as np
 from _common import machine_line, markdown_table, parse_sizes, plain_balance
 
-from orderlab.orderings._balance import fused_balance
+from orderlab.orderings._balance import PARALLEL_MIN_DIM, fused_balance, fused_balance_in_parallel
 
 
 @numba.njit(nogil=True, fastmath={"reassoc", "contract"})
@@ -96,6 +97,9 @@ def main() -> None:
     )
     parser.add_argument("--dims", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6"))
     parser.add_argument("--blocks", type=parse_sizes, default=parse_sizes("2,4,8"))
+    parser.add_argument(
+        "--threads", type=parse_sizes, default=parse_sizes("2"), help="thread counts for the fused kernel"
+    )
     parser.add_argument("--chunk", type=int, default=4096, help="coordinates per chunk of a sweep")
     parser.add_argument("--quick", action="store_true", help="d = 1e4, 1e5; k = 2, 4")
     args = parser.parse_args()
@@ -119,6 +123,21 @@ def main() -> None:
         rows.append(
             [f"{dim:.0e}", "fused", f"{1e6 * fused / count:.2f}", f"{plain / fused:.2f}", "1", str(same)]
         )
+        for threads in args.threads:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            seconds, signs, running_sum = timed_run(fused_balance_in_parallel, dim, arrays)
+            same = np.array_equal(signs, plain_signs) and np.array_equal(running_sum, plain_sum)
+            rows.append(
+                [
+                    f"{dim:.0e}",
+                    f"fused, {threads} threads"
+                    + ("" if dim >= PARALLEL_MIN_DIM else " (the server: 1 below d = 65,536)"),
+                    f"{1e6 * seconds / count:.2f}",
+                    f"{plain / seconds:.2f}",
+                    f"{fused / seconds:.2f}",
+                    str(same),
+                ]
+            )
         for block in args.blocks:
             kernel = lambda r, a, block=block: blocked_balance(r, a, block, args.chunk)  # noqa: E731
             seconds, signs, running_sum = timed_run(kernel, dim, arrays)
