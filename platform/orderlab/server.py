@@ -298,6 +298,7 @@ class OrderServer:
             self.ordering.observe_items([self._take(rank, count) for rank in range(self.num_workers)])
             self.cursor += count
             remaining -= count
+            self._release_rings()  # now, so workers refill their slots while later chunks balance
         if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()
         self._release_rings()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import io
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 from orderlab.orderings import make_ordering
+from orderlab.orderings._balance import PARALLEL_MIN_DIM, set_balance_threads
 from orderlab.server import OrderMessage, OrderServer
 
 GRADIENT_ORDERINGS = ("grab", "pair-balance", "cd-grab")
@@ -158,6 +160,21 @@ def test_orders_equal_direct_ordering(name: str, num_workers: int, shard_size: i
     assert_same_orders(got, expected)
     for orders in got:  # orderings.md: every unit once per epoch
         assert (np.sort(orders, axis=1) == np.arange(shard_size)).all()
+
+
+@pytest.mark.parametrize("name", GRADIENT_ORDERINGS)
+def test_server_threads_give_the_orders_of_one_thread(name: str) -> None:
+    """ordering.server_threads = 2 splits each pass over r by coordinates (d ≥ PARALLEL_MIN_DIM)."""
+    dim = PARALLEL_MIN_DIM + 7
+    grads = random_gradients(31, 2, 2, 6, dim)
+    expected = reference_orders(name, grads, SEED, np.random.default_rng(0))
+    server = OrderServer(name, num_workers=2, shard_size=6, dim=dim, seed=SEED, threads=2)
+    try:
+        assert server.threads == min(2, numba.config.NUMBA_NUM_THREADS)
+        got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(1)))
+    finally:
+        set_balance_threads(1)
+    assert_same_orders(got, expected)
 
 
 @pytest.mark.parametrize("name", GRADIENT_ORDERINGS)

@@ -309,13 +309,20 @@ class NextOrder:
             self.slots[worker][self.right[worker]] = unit
             self.right[worker] -= 1
 
-    def place_pair(self, worker: int, first: int, second: int, positive: bool) -> None:
-        """PairBalance: ε=+1 puts (first at L, second at R), ε=-1 the reverse; then L += 1, R -= 1."""
-        left, right = (first, second) if positive else (second, first)
-        self.slots[worker][self.left[worker]] = left
-        self.slots[worker][self.right[worker]] = right
-        self.left[worker] += 1
-        self.right[worker] -= 1
+    def place_pairs(self, firsts: np.ndarray, seconds: np.ndarray, positive: np.ndarray) -> None:
+        """PairBalance for the next k pairs of every worker, in order: for each pair, ε=+1 puts (first
+        at L, second at R), ε=-1 the reverse; then L += 1, R -= 1.
+
+        Args:
+            firsts, seconds: int64 [num_workers, k], the units of each pair. positive: bool
+                [num_workers, k], ε = +1.
+        """
+        lefts, rights = np.where(positive, firsts, seconds), np.where(positive, seconds, firsts)
+        count = firsts.shape[1]
+        for worker, (slots, left, right) in enumerate(zip(self.slots, self.left, self.right, strict=True)):
+            slots[left : left + count] = lefts[worker].tolist()
+            slots[right - count + 1 : right + 1] = rights[worker, ::-1].tolist()  # R, R - 1, ...
+            self.left[worker], self.right[worker] = left + count, right - count
 
     def place_middle(self, worker: int, unit: int) -> None:
         """Odd shard size: the epoch's last unit takes the middle slot (L = R)."""

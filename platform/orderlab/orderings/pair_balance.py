@@ -117,17 +117,15 @@ class PairBalance:
         diffs = rank_arrays(pair_differences, self.num_workers, self.dim, "pair_differences")
         state, num_pairs = self.state, len(diffs[0])
         state.check_room(num_pairs, "pairs")
-        running_sums, balance_rows, visit = state.running_sum.numpy(), state.sign.balance_rows, state.visit
+        running_sums, balance_rows = state.running_sum.numpy(), state.sign.balance_rows
         if self.coordinated:  # orderings.md: one sum, pair-major, rank-minor
             positive = balance_rows(running_sums[0], diffs, 0)
         else:  # independent sums: each worker's pairs in order
             positive = np.concatenate(
                 [balance_rows(running_sums[w], [diffs[w]], w) for w in range(len(diffs))], 1
             )
-        for j in range(num_pairs):
-            pair = state.done + j
-            for w in range(self.num_workers):
-                state.next.place_pair(w, visit[w][2 * pair], visit[w][2 * pair + 1], bool(positive[j, w]))
+        units = state.orders.numpy()[:, 2 * state.done : 2 * (state.done + num_pairs)]  # [W, 2 × pairs]
+        state.next.place_pairs(units[:, 0::2], units[:, 1::2], positive.T)
         state.done += num_pairs
         self._place_middle_if_done()
 
