@@ -3,6 +3,8 @@ no-copy input path)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,25 @@ def test_read_only_and_writable_arrays_mix() -> None:
     from_store.flags.writeable = False
     ordering.observe_items([from_store, np.full((2, 3), 2.0, np.float32)])
     assert ordering.begin_epoch().shape == (2, 4)
+
+
+def test_a_second_process_loads_the_kernel_from_numbas_disk_cache(tmp_path) -> None:
+    """The kernel compiles once per argument types and machine: later processes (every order server
+    of a sweep) load it, so the cache gets one file per type instead of one per process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from orderlab.orderings._balance import SignRule\n"
+        "rule = SignRule(balance='deterministic', balance_c=1.0, seed=0, num_sums=1)\n"
+        "print(rule.balance_rows(np.zeros(8, np.float32), [np.ones((3, 8), np.float32)] * 2, 0).sum())\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "3"  # six equal vectors: ε = -1 (the tie at r = 0), +1, -1, ...: 3 of 6
+    assert len(list(tmp_path.rglob("*fused_balance*.nbc"))) == 1

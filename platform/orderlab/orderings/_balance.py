@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from types import FunctionType
 from typing import Any
 
 import numba
@@ -198,76 +199,78 @@ def _sweep_in_parallel(r, adds, a, sign_a, b, sign_b, c, d, parts):  # pragma: n
         _sweep_chunk(r, adds, a, sign_a, b, sign_b, c, d, chunk * CHUNK, parts, chunk)
 
 
-def _balance_kernel(sweep: Any, cache: bool) -> Any:
-    """The kernel of the deterministic rule, making its passes with ``sweep`` (see ``fused_balance``)."""
+@numba.njit(nogil=True, cache=True)
+def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:  # pragma: no cover
+    """The deterministic sign rule over a sequence of vectors, two vectors per pass over memory.
 
-    @numba.njit(nogil=True, cache=cache)
-    def kernel(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:  # pragma: no cover
-        """The deterministic sign rule over a sequence of vectors, two vectors per pass over memory.
+    The sequence is row j of every array in turn, j-major. Each pass adds the two vectors just
+    decided, ε_a v_a then ε_b v_b, to r, and in the same loop takes the inner products of the new r
+    with the next two vectors v_c, v_d and <v_c, v_d>. Then ε_c follows from <r, v_c> and ε_d from
+    <r + ε_c v_c, v_d> = <r, v_d> + ε_c <v_c, v_d>, on scalars. So r is read and written once per two
+    vectors (the plain rule: twice per vector), each vector is read twice (its inner product, its
+    update), and float16/bfloat16 payloads are widened in registers, never copied. r stays float32
+    and gets exactly the plain rule's sums (each coordinate adds ε_a v_a, then ε_b v_b). The inner
+    products accumulate in float32 within chunks of ``CHUNK`` coordinates (as BLAS's ``sdot``, the
+    plain rule's) and in float64 across chunks, in chunk order, so the signs do not depend on
+    the thread count. ``fused_balance_in_parallel`` splits each pass's chunks over numba's threads
+    (``numba.set_num_threads``; r is sharded by coordinates, and the signs are still decided one
+    pass at a time). Compiled by numba on first use (``fused_balance`` is cached on disk).
+    ``benchmarks/blocked_balance.py`` measures larger blocks (the Gram matrix of k vectors per
+    pass), which lose on the README's machine.
 
-        The sequence is row j of every array in turn, j-major. Each pass adds the two vectors just
-        decided, ε_a v_a then ε_b v_b, to r, and in the same loop takes the inner products of the new r
-        with the next two vectors v_c, v_d and <v_c, v_d>. Then ε_c follows from <r, v_c> and ε_d from
-        <r + ε_c v_c, v_d> = <r, v_d> + ε_c <v_c, v_d>, on scalars. So r is read and written once per two
-        vectors (the plain rule: twice per vector), each vector is read twice (its inner product, its
-        update), and float16/bfloat16 payloads are widened in registers, never copied. r stays float32
-        and gets exactly the plain rule's sums (each coordinate adds ε_a v_a, then ε_b v_b). The inner
-        products accumulate in float32 within chunks of ``CHUNK`` coordinates (as BLAS's ``sdot``, the
-        plain rule's) and in float64 across chunks, in chunk order, so the signs do not depend on
-        the thread count. ``fused_balance_in_parallel`` splits each pass's chunks over numba's threads
-        (``numba.set_num_threads``; r is sharded by coordinates, and the signs are still decided one
-        pass at a time). Compiled by numba on first use (``fused_balance`` is cached on disk).
-        ``benchmarks/blocked_balance.py`` measures larger blocks (the Gram matrix of k vectors per
-        pass), which lose on the README's machine.
+    Args:
+        running_sum: float32 [d], updated in place.
+        arrays: C-contiguous [k, d] each, all float32, or all uint16 (float16 bits), or all int16
+            (bfloat16 bits) — the order server's wire formats, see ``rank_arrays``.
 
-        Args:
-            running_sum: float32 [d], updated in place.
-            arrays: C-contiguous [k, d] each, all float32, or all uint16 (float16 bits), or all int16
-                (bfloat16 bits) — the order server's wire formats, see ``rank_arrays``.
-
-        Returns:
-            bool [k, len(arrays)]: True where ε = +1, i.e. <r, v> < 0 (docs/orderings.md; a tie gives -1).
-        """
-        num_arrays, num_rows, dim = len(arrays), arrays[0].shape[0], running_sum.shape[0]
-        total = num_arrays * num_rows
-        positive = np.empty((num_rows, num_arrays), dtype=np.bool_)
-        if total == 0:
+    Returns:
+        bool [k, len(arrays)]: True where ε = +1, i.e. <r, v> < 0 (docs/orderings.md; a tie gives -1).
+    """
+    num_arrays, num_rows, dim = len(arrays), arrays[0].shape[0], running_sum.shape[0]
+    total = num_arrays * num_rows
+    positive = np.empty((num_rows, num_arrays), dtype=np.bool_)
+    if total == 0:
+        return positive
+    parts = np.empty((-(-dim // CHUNK), 3), dtype=np.float32)
+    a = b = _vector(arrays, 0)
+    sign_a = sign_b = np.float32(0.0)
+    adds = 0  # how many of a, b the next pass adds to r: the vectors decided last
+    decided = 0
+    while True:
+        remaining = total - decided
+        c = _vector(arrays, decided) if remaining > 0 else a  # the last pass only adds: c, d unused
+        d = _vector(arrays, decided + 1) if remaining > 1 else c
+        _sweep(running_sum, adds, a, sign_a, b, sign_b, c, d, parts)  # or _sweep_in_parallel, see below
+        inner_c, inner_d, gram = 0.0, 0.0, 0.0  # the chunks' float32 sums, in chunk order
+        for chunk in range(len(parts)):
+            inner_c += parts[chunk, 0]
+            inner_d += parts[chunk, 1]
+            gram += parts[chunk, 2]
+        if remaining == 0:
             return positive
-        parts = np.empty((-(-dim // CHUNK), 3), dtype=np.float32)
-        a = b = _vector(arrays, 0)
-        sign_a = sign_b = np.float32(0.0)
-        adds = 0  # how many of a, b the next pass adds to r: the vectors decided last
-        decided = 0
-        while True:
-            remaining = total - decided
-            c = _vector(arrays, decided) if remaining > 0 else a  # the last pass only adds: c, d unused
-            d = _vector(arrays, decided + 1) if remaining > 1 else c
-            sweep(running_sum, adds, a, sign_a, b, sign_b, c, d, parts)
-            inner_c, inner_d, gram = 0.0, 0.0, 0.0  # the chunks' float32 sums, in chunk order
-            for chunk in range(len(parts)):
-                inner_c += parts[chunk, 0]
-                inner_d += parts[chunk, 1]
-                gram += parts[chunk, 2]
-            if remaining == 0:
-                return positive
-            positive[decided // num_arrays, decided % num_arrays] = inner_c < 0.0
-            sign_a = np.float32(1.0) if inner_c < 0.0 else np.float32(-1.0)
-            a, adds = c, 1
-            if remaining > 1:
-                inner_d += np.float64(sign_a) * gram  # <r + ε_c v_c, v_d>
-                positive[(decided + 1) // num_arrays, (decided + 1) % num_arrays] = inner_d < 0.0
-                sign_b = np.float32(1.0) if inner_d < 0.0 else np.float32(-1.0)
-                b, adds = d, 2
-            decided += adds
-
-    return kernel
+        positive[decided // num_arrays, decided % num_arrays] = inner_c < 0.0
+        sign_a = np.float32(1.0) if inner_c < 0.0 else np.float32(-1.0)
+        a, adds = c, 1
+        if remaining > 1:
+            inner_d += np.float64(sign_a) * gram  # <r + ε_c v_c, v_d>
+            positive[(decided + 1) // num_arrays, (decided + 1) % num_arrays] = inner_d < 0.0
+            sign_b = np.float32(1.0) if inner_d < 0.0 else np.float32(-1.0)
+            b, adds = d, 2
+        decided += adds
 
 
-#: the kernel, one thread; numba caches it on disk (``_fused_balance_cached`` guards the cache)
-fused_balance = _balance_kernel(_sweep, cache=True)
-#: the kernel with each pass split over numba's threads; never cached on disk, since numba's cache
-#: loads parallel code wrongly (numba issues #8578, #10128: segmentation faults)
-fused_balance_in_parallel = _balance_kernel(_sweep_in_parallel, cache=False)
+def _seeing(function: Any, **names: Any) -> FunctionType:
+    """A copy of the Python function ``function`` that sees ``names`` in place of its module's."""
+    return FunctionType(
+        function.__code__, {**function.__globals__, **names}, function.__name__, function.__defaults__
+    )
+
+
+#: ``fused_balance`` with each pass split over numba's threads (``_sweep_in_parallel``). Never cached
+#: on disk: numba's cache loads code that calls parallel code wrongly (numba issues #8578, #10128:
+#: segmentation faults), and a closure would not do either (numba keys a closure's cache entries by
+#: its pickled cells, which differ in every process, so it would compile and save in every process).
+fused_balance_in_parallel = numba.njit(nogil=True)(_seeing(fused_balance.py_func, _sweep=_sweep_in_parallel))
 
 
 #: the argument types of ``fused_balance`` this process has compiled or loaded from numba's disk cache
