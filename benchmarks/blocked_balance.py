@@ -5,9 +5,9 @@ first applies the previous block's signed vectors to r (one at a time, so r gets
 rule's float32 sums), then accumulates V·r and the Gram matrix V·Vᵀ (float32 within a chunk, float64
 across chunks); then the k signs are decided on scalars, <r_q, v_q> = (V·r)_q + Σ_{p<q} ε_p G_qp.
 Fused (``orderlab.orderings._balance.fused_balance``, what the server runs): one pass per two
-vectors that adds the two decided last to r and takes the inner products with the next two, on one
-thread and (``--threads``, ``ordering.server_threads``) with each pass split over threads. Plain: ``r @ v`` then
-``r ± v`` in numpy. All three run on the same unit-norm float32 vectors of a 64 MiB pool (W = 4
+vectors that adds the two decided last to r and takes the inner products with the next two; on one
+thread, and with each pass split over ``--threads`` threads (``ordering.server_threads``). Plain:
+``r @ v`` then ``r ± v`` in numpy. All three run on the same unit-norm float32 vectors of a 64 MiB pool (W = 4
 arrays, j-major as the server balances them), once untimed and then the fastest of 3 runs; the script checks
 that the blocked and fused signs and running sums equal the plain loop's.
 

@@ -9,6 +9,9 @@ Measures, for cd-grab with W producers and d-dimensional pair differences:
 - actor: ``RemoteOrderServer`` in a local ``ray.init(num_cpus=2)``, the driver sending one message
   per producer per round with ``push.remote`` (at most ``max_in_flight`` per producer in flight, as
   workers do), ``ray.get`` of the pushes at the epoch's end, then ``begin_epoch`` of every rank;
+- actor, shared memory: the same actor reading one shared-memory ring per producer (``RingBench``,
+  ``ordering.transport: shared_memory``), once per ``--server-threads`` count
+  (``ordering.server_threads``);
 
 with float32 and float16 payloads (``payload_dtype``; balancing accumulates in float32). Then the
 scaling table: actor capacity for W = 2..64 simulated producers against the rate at which W workers
@@ -16,7 +19,7 @@ produce pairs, W × (microbatch / 2) / step_seconds. Every measurement runs whol
 pairs applied over wall seconds from the first message to the last order. Vectors come from a fixed
 pool of unit-norm random vectors (at most ``--pool-mib``), reused across messages.
 
-    python benchmarks/server_throughput.py            # the README's tables (5 minutes on 2 cores)
+    python benchmarks/server_throughput.py            # the README's tables (6 minutes on 2 cores)
     python benchmarks/server_throughput.py --quick    # d <= 1e5, W <= 16, 1 repeat (2-3 minutes)
 """
 

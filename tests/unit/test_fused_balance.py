@@ -4,7 +4,10 @@ no-copy input path)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from orderlab.orderings import make_ordering
 from orderlab.orderings._balance import (
     PARALLEL_MIN_DIM,
     SignRule,
+    _sweep_in_parallel,
     fused_balance,
     rank_arrays,
     set_balance_threads,
@@ -71,6 +75,7 @@ def test_fused_balance_on_threads_gives_the_signs_and_sums_of_one_thread(dtype: 
         )
     finally:
         set_balance_threads(1)
+    assert _sweep_in_parallel.signatures  # the threaded kernel made its passes with the parallel sweep
     np.testing.assert_array_equal(threaded, serial)
     np.testing.assert_array_equal(threaded_sum, serial_sum)
     plain_sum = np.zeros(dim, np.float32)
@@ -82,8 +87,6 @@ def test_fused_balance_on_threads_gives_the_signs_and_sums_of_one_thread(dtype: 
 
 
 def test_set_balance_threads_rejects_zero_and_caps_at_numbas_threads() -> None:
-    import numba
-
     with pytest.raises(OrderlabError, match="server_threads=0"):
         set_balance_threads(0)
     try:
@@ -195,9 +198,6 @@ def test_read_only_and_writable_arrays_mix() -> None:
 def test_a_second_process_loads_the_kernel_from_numbas_disk_cache(tmp_path) -> None:
     """The kernel compiles once per argument types and machine: later processes (every order server
     of a sweep) load it, so the cache gets one file per type instead of one per process."""
-    import subprocess
-    import sys
-
     script = (
         "import numpy as np\n"
         "from orderlab.orderings._balance import SignRule\n"

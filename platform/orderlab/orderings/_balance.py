@@ -159,8 +159,8 @@ def _vector(arrays: tuple[np.ndarray, ...], index: int) -> np.ndarray:  # pragma
 #: 16,384 float32 coordinates of the five vectors of a sweep (320 KiB) stay in a core's L2 cache
 CHUNK = 16_384
 
-#: the smallest d that ``fused_balance`` sweeps with several threads; below it a sweep is too short
-#: to pay for waking them (measured in benchmarks/blocked_balance.py)
+#: the smallest d that ``SignRule.balance_rows`` balances on several threads (``set_balance_threads``);
+#: below it a sweep is too short to pay for waking them (benchmarks/blocked_balance.py: 0.8× at 1e4)
 PARALLEL_MIN_DIM = 4 * CHUNK
 
 
