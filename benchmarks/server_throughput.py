@@ -11,7 +11,8 @@ Measures, for cd-grab with W producers and d-dimensional pair differences:
   workers do), ``ray.get`` of the pushes at the epoch's end, then ``begin_epoch`` of every rank;
 - actor, shared memory: the same actor reading one shared-memory ring per producer (``RingBench``,
   ``ordering.transport: shared_memory``), once per ``--server-threads`` count
-  (``ordering.server_threads``);
+  (``ordering.server_threads``) and ``--ring-directories`` entry (``ordering.ring_directory``: give a
+  tmpfs mounted with ``-o huge=within_size`` to measure rings on 2 MiB pages);
 
 with float32 and float16 payloads (``payload_dtype``; balancing accumulates in float32). Then the
 scaling table: actor capacity for W = 2..64 simulated producers against the rate at which W workers
@@ -38,7 +39,7 @@ import ray
 import torch
 from _common import fmt, machine_line, markdown_table, median, parse_sizes, plain_balance, timed
 
-from orderlab.channel import WIRE_DTYPES, MessageRing
+from orderlab.channel import WIRE_DTYPES, MessageRing, default_ring_directory
 from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer, encode_payload
 
 #: the fastest cd-grab step (seconds) that benchmarks/epoch_overhead.py measured with example units and
@@ -213,12 +214,16 @@ class RingBench:
     vector from memory, as the plain loop reads its pool.
     """
 
-    def __init__(self, workload: Workload, payload_dtype: str, max_in_flight: int, threads: int = 1) -> None:
+    def __init__(
+        self, workload: Workload, payload_dtype: str, max_in_flight: int, threads: int, directory: str
+    ) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
         self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args(), threads=threads)
         wire = WIRE_DTYPES[payload_dtype]
         slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
-        self.rings = [MessageRing.create(max_in_flight + 1, slot_bytes) for _ in range(workload.num_workers)]
+        self.rings = [
+            MessageRing.create(max_in_flight + 1, slot_bytes, directory) for _ in range(workload.num_workers)
+        ]
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def ready(self) -> ray.ObjectRef:
@@ -280,8 +285,9 @@ def make_benches(
     kinds: tuple[str, ...] | None = None,
 ) -> dict[tuple[str, str], InProcessBench | ActorBench | RingBench]:
     """In-process and (unless ``--no-ray``) actor benches of ``kinds`` (default: all) for each payload
-    dtype (see ``wait_ready``); a shared-memory actor per ``--server-threads`` count."""
-    kinds = kinds or ("in-process", "actor", *(ring_kind(t) for t in args.server_threads))
+    dtype (see ``wait_ready``); a shared-memory actor per ``--server-threads`` count and ring directory."""
+    rings = [(t, d) for d in args.ring_directories for t in args.server_threads]
+    kinds = kinds or ("in-process", "actor", *(ring_kind(t, d) for t, d in rings))
     benches: dict[tuple[str, str], InProcessBench | ActorBench | RingBench] = {}
     for dtype in dtypes:
         if "in-process" in kinds:
@@ -290,16 +296,17 @@ def make_benches(
             benches[("actor", dtype)] = ActorBench(
                 workload, dtype, args.max_in_flight, int(args.max_in_flight_mib * 2**20)
             )
-        for threads in args.server_threads:
-            kind = ring_kind(threads)
+        for threads, directory in rings:
+            kind = ring_kind(threads, directory)
             if kind in kinds and not args.no_ray:
-                benches[(kind, dtype)] = RingBench(workload, dtype, args.max_in_flight, threads)
+                benches[(kind, dtype)] = RingBench(workload, dtype, args.max_in_flight, threads, directory)
     return benches
 
 
-def ring_kind(threads: int) -> str:
-    """The bench name of the shared-memory actor balancing on ``threads`` threads."""
-    return "actor, shared memory" + (f", {threads} threads" if threads > 1 else "")
+def ring_kind(threads: int, directory: str) -> str:
+    """The bench name of the shared-memory actor balancing on ``threads`` threads, rings in ``directory``."""
+    where = "" if directory == default_ring_directory() else f" in {directory}"
+    return f"actor, shared memory{where}" + (f", {threads} threads" if threads > 1 else "")
 
 
 def wait_ready(*bench_dicts: dict) -> None:
@@ -414,7 +421,10 @@ def scaling_table(args: argparse.Namespace, pair_costs: dict[int, float], dtypes
     kind = (
         "in-process"
         if args.no_ray
-        else {"ray": "actor", "shared_memory": ring_kind(max(args.server_threads))}[args.transport]
+        else {
+            "ray": "actor",
+            "shared_memory": ring_kind(max(args.server_threads), args.ring_directories[-1]),
+        }[args.transport]
     )
     samples: dict[tuple, list[float]] = {}
     for num_workers in args.scaling_workers:
@@ -516,6 +526,13 @@ def main() -> None:
         type=parse_sizes,
         default=parse_sizes("1,2"),
         help="ordering.server_threads of the shared-memory actors (the scaling table takes the largest)",
+    )
+    parser.add_argument(
+        "--ring-directories",
+        type=lambda text: [d.strip() for d in text.split(",") if d.strip()],
+        default=[default_ring_directory()],
+        help="comma-separated ordering.ring_directory values for the shared-memory actors (the scaling "
+        "table takes the last), e.g. /dev/shm,/mnt/huge for a tmpfs mounted with -o huge=within_size",
     )
     parser.add_argument("--no-ray", action="store_true", help="in-process server only")
     parser.add_argument(

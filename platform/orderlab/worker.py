@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orderlab import results
-from orderlab.channel import WIRE_DTYPES, MessageRing, ring_directory
+from orderlab.channel import WIRE_DTYPES, MessageRing, default_ring_directory
 from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import (
@@ -201,10 +201,12 @@ class ServerMessenger:
         sketch: CountSketch | None = None,
         payload_dtype: str = "float32",
         transport: str = "ray",
+        ring_directory: str | None = None,
     ) -> None:
         self.server, self.rank, self.message_kind = server, rank, message_kind
         self.message_steps, self.max_in_flight = message_steps, max_in_flight
         self.sketch, self.payload_dtype, self.transport = sketch, payload_dtype, transport
+        self.ring_directory = ring_directory or default_ring_directory()
         self.generation = 0  # set from OrderServer.reset when the worker group starts
         self.in_flight: deque = deque()
         self.pairs = PairStream()
@@ -291,12 +293,13 @@ class ServerMessenger:
             lag_slots = math.ceil((self.message_steps + 1) * step_rows / rows)  # a Ray rank's lag
             slots = max(self.max_in_flight + 1, lag_slots + 1)
             try:
-                self.ring = MessageRing.create(slots, rows * row_bytes)
+                self.ring = MessageRing.create(slots, rows * row_bytes, self.ring_directory)
             except OSError as error:
                 raise OrderlabError(
                     f"worker {self.rank} cannot create a shared-memory ring of {slots} × {rows * row_bytes / 2**20:.0f} "
-                    f"MiB ({error}); free space in {ring_directory()}, lower ordering.message_steps or "
-                    "max_in_flight, or set ordering.transport: ray"
+                    f"MiB in {self.ring_directory} ({error}); free space there or set ordering.ring_directory "
+                    "to a tmpfs directory that every node has, lower ordering.message_steps or max_in_flight, "
+                    "or set ordering.transport: ray"
                 ) from error
             try:
                 ray.get(self.server.attach_ring.remote(self.rank, self.ring.path))
@@ -429,6 +432,7 @@ class WorkerLoop:
             message_transport(ordering.transport, self.server, self.device)
             if self.plan.needs_gradients
             else "ray",
+            ordering.ring_directory,
         )
 
     def run(self) -> dict[str, Any]:

@@ -7,6 +7,10 @@ the producers wait for free slots with ``await`` instead of ``MessageRing.wait_f
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -46,6 +50,44 @@ def test_a_message_round_trips_through_a_second_mapping(tmp_path) -> None:
         assert consumer.receive() == []
         consumer.release(1)
         assert producer.released == producer.published == sequence + 1
+
+
+def test_slots_of_2_mib_or_more_fill_whole_huge_pages(tmp_path) -> None:
+    producer = MessageRing.create(slots=3, slot_bytes=5 * 2**20, directory=str(tmp_path))
+    consumer = MessageRing.attach(producer.path)
+    producer.unlink()
+    assert (producer.data_offset, producer.slot_bytes) == (2**21, 6 * 2**20)  # 2 MiB boundaries
+    assert (consumer.data_offset, consumer.slot_bytes, consumer.slots) == (2**21, 6 * 2**20, 3)
+    rows = np.random.default_rng(0).standard_normal((3, 2**19), dtype=np.float32)  # 6 MiB: a full slot
+    for sequence in range(3):
+        producer.slot_array(2**19, np.float32)[:] = rows + sequence
+        producer.publish(0, sequence, 0, 3, 2**19, np.float32, generation=0)
+    for sequence, (_, start, _, items, _) in enumerate(consumer.receive()):
+        assert start == sequence
+        np.testing.assert_array_equal(items, rows + sequence)
+
+
+def test_a_full_file_system_is_an_oserror_that_leaves_no_file() -> None:
+    """A 1 MiB tmpfs, mounted in a user and mount namespace of its own (``unshare``), cannot hold a
+    4 MiB ring: creating one raises ENOSPC (not a SIGBUS at a later write) and removes the file."""
+    script = (
+        "import errno, os, sys\n"
+        "from orderlab.channel import MessageRing\n"
+        "try:\n"
+        "    MessageRing.create(2, 2**21, sys.argv[1])\n"
+        "except OSError as error:\n"
+        "    print(error.errno == errno.ENOSPC, os.listdir(sys.argv[1]))\n"
+    )
+    directory = tempfile.mkdtemp()
+    mount = f"mount -t tmpfs -o size=1m tmpfs {directory}"
+    if subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True).returncode != 0:
+        pytest.skip("no unshare, or no user namespaces here, to mount a small tmpfs")
+    command = f'{mount} && exec "$0" -c "$1" {directory}'
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command, sys.executable, script], capture_output=True, text=True
+    )
+    os.rmdir(directory)
+    assert done.stdout.strip() == "True []", done.stderr
 
 
 def test_a_full_ring_waits_and_asks_whether_to_keep_waiting(tmp_path) -> None:

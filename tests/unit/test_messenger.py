@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from orderlab.errors import OrderlabError
 from orderlab.grads import CountSketch
 from orderlab.orderings._balance import PairStream
 from orderlab.server import decode_payload, encode_payload
@@ -83,3 +84,18 @@ def test_an_epoch_boundary_drops_the_unpaired_unit() -> None:
     messenger.add(torch.full((2, 4), 5.0))
     assert [(m.epoch, m.start, len(m.items)) for m in server.messages] == [(0, 0, 1), (1, 0, 1)]
     assert not server.messages[1].items.any()  # 5 - 5, not the dropped unit's 1 - 5
+
+
+def test_a_ring_directory_that_cannot_hold_the_ring_is_a_clear_error(tmp_path) -> None:
+    missing = tmp_path / "not-mounted"
+    messenger = ServerMessenger(
+        RecordingServer(),
+        0,
+        "pair_differences",
+        message_steps=1,
+        max_in_flight=2,
+        transport="shared_memory",
+        ring_directory=str(missing),
+    )
+    with pytest.raises(OrderlabError, match=f"in {missing} .*set ordering.ring_directory"):
+        messenger.add(torch.randn(2, 4))
