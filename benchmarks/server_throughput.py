@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -221,9 +223,11 @@ class RingBench:
         self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args(), threads=threads)
         wire = WIRE_DTYPES[payload_dtype]
         slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
-        self.rings = [
-            MessageRing.create(max_in_flight + 1, slot_bytes, directory) for _ in range(workload.num_workers)
-        ]
+        self.rings = []
+        for _ in range(workload.num_workers):
+            self.rings.append(MessageRing.create(max_in_flight + 1, slot_bytes, directory))
+            # ready() unlinks it; this if the run stops before (a path, so that the memory can go at close)
+            atexit.register(Path(self.rings[-1].path).unlink, missing_ok=True)
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def ready(self) -> ray.ObjectRef:
