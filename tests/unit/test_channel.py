@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,13 +81,18 @@ def test_a_full_file_system_is_an_oserror_that_leaves_no_file() -> None:
     )
     directory = tempfile.mkdtemp()
     mount = f"mount -t tmpfs -o size=1m tmpfs {directory}"
-    if subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True).returncode != 0:
-        pytest.skip("no unshare, or no user namespaces here, to mount a small tmpfs")
-    command = f'{mount} && exec "$0" -c "$1" {directory}'
-    done = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", command, sys.executable, script], capture_output=True, text=True
-    )
-    os.rmdir(directory)
+    try:
+        if (
+            shutil.which("unshare") is None
+            or subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True).returncode != 0
+        ):
+            pytest.skip("no unshare, or no user namespaces here, to mount a small tmpfs")
+        command = f'{mount} && exec "$0" -c "$1" {directory}'
+        done = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", command, sys.executable, script], capture_output=True, text=True
+        )
+    finally:
+        os.rmdir(directory)
     assert done.stdout.strip() == "True []", done.stderr
 
 
