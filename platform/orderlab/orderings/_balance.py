@@ -148,6 +148,27 @@ def _to_float32(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compil
     return types.float32(value), codegen
 
 
+@intrinsic
+def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:  # pragma: no cover - compiled by numba
+    """Ask the CPU to bring the cache line of ``array[index]`` into all cache levels (``llvm.prefetch``:
+    a hint, no fault and no effect on results, also past the end of a mapping)."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        int32 = ir.IntType(32)
+        prefetch = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [address.type, int32, int32, int32])
+        )
+        # read (0), highest locality (3), data cache (1)
+        builder.call(prefetch, [address, int32(0), int32(3), int32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
 @numba.njit(inline="always")
 def _vector(arrays: tuple[np.ndarray, ...], index: int) -> np.ndarray:  # pragma: no cover
     """Vector ``index`` of the j-major sequence: row index // len(arrays) of array index % len(arrays)."""
@@ -159,6 +180,12 @@ def _vector(arrays: tuple[np.ndarray, ...], index: int) -> np.ndarray:  # pragma
 #: 16,384 float32 coordinates of the five vectors of a sweep (320 KiB) stay in a core's L2 cache
 CHUNK = 16_384
 
+#: coordinates per page-sized step of a chunk's loop (4 KiB of float32), and how far ahead of it the
+#: next vectors' lines are prefetched (16 KiB of float32: 4 pages). The hardware prefetcher stops at
+#: every 4 KiB page; on rings in /dev/shm (4 KiB pages) the kernel read its payloads 20-40% slower
+#: than from huge pages without this (README, "Performance"), and about as fast with it.
+PAGE_STEP, PREFETCH_AHEAD = 1024, 4096
+
 #: the smallest d that ``SignRule.balance_rows`` balances on several threads (``set_balance_threads``);
 #: below it a sweep is too short to pay for waking them (benchmarks/blocked_balance.py: 0.8× at 1e4)
 PARALLEL_MIN_DIM = 4 * CHUNK
@@ -167,21 +194,36 @@ PARALLEL_MIN_DIM = 4 * CHUNK
 @numba.njit(nogil=True, fastmath={"reassoc", "contract"})
 def _sweep_chunk(r, adds, a, sign_a, b, sign_b, c, d, first, parts, chunk):  # pragma: no cover
     """One chunk of a sweep, coordinates [first, first + CHUNK): r += ε_a a then ε_b b (the first
-    ``adds`` of the two), then the chunk's <r, c>, <r, d>, <c, d> as float32 sums into ``parts[chunk]``."""
-    last = min(first + CHUNK, r.shape[0])
-    r, a, b, c, d = r[first:last], a[first:last], b[first:last], c[first:last], d[first:last]
+    ``adds`` of the two), then the chunk's <r, c>, <r, d>, <c, d> as float32 sums into ``parts[chunk]``.
+
+    The chunk runs in steps of ``PAGE_STEP`` coordinates; each step first prefetches the vectors'
+    line ``PREFETCH_AHEAD`` coordinates on (a and b only when they are added)."""
+    dim = r.shape[0]
+    last = min(first + CHUNK, dim)
     inner_c = inner_d = gram = np.float32(0.0)
-    for i in range(last - first):
-        updated = r[i]
-        if adds > 0:  # loop-invariant: LLVM unswitches the loop
-            updated += sign_a * _to_float32(a[i])
-            if adds > 1:
-                updated += sign_b * _to_float32(b[i])
-            r[i] = updated
-        x, y = _to_float32(c[i]), _to_float32(d[i])
-        inner_c += updated * x
-        inner_d += updated * y
-        gram += x * y
+    for start in range(first, last, PAGE_STEP):
+        ahead = start + PREFETCH_AHEAD
+        if ahead < dim:
+            _prefetch(c, ahead)
+            _prefetch(d, ahead)
+            if adds > 0:
+                _prefetch(a, ahead)
+                _prefetch(b, ahead)
+        end = min(start + PAGE_STEP, last)
+        # slices: indices from 0, so LLVM vectorizes
+        r_step, a_step, b_step = r[start:end], a[start:end], b[start:end]
+        c_step, d_step = c[start:end], d[start:end]
+        for i in range(end - start):
+            updated = r_step[i]
+            if adds > 0:  # loop-invariant: LLVM unswitches the loop
+                updated += sign_a * _to_float32(a_step[i])
+                if adds > 1:
+                    updated += sign_b * _to_float32(b_step[i])
+                r_step[i] = updated
+            x, y = _to_float32(c_step[i]), _to_float32(d_step[i])
+            inner_c += updated * x
+            inner_d += updated * y
+            gram += x * y
     parts[chunk, 0], parts[chunk, 1], parts[chunk, 2] = inner_c, inner_d, gram
 
 
@@ -273,7 +315,8 @@ def _seeing(function: Any, **names: Any) -> FunctionType:
 fused_balance_in_parallel = numba.njit(nogil=True)(_seeing(fused_balance.py_func, _sweep=_sweep_in_parallel))
 
 
-#: the argument types of ``fused_balance`` this process has compiled or loaded from numba's disk cache
+#: the argument types of ``fused_balance`` this process has compiled or loaded from numba's disk cache,
+#: as what numba types them by (``numba.typeof`` itself costs 30 µs per call)
 _kernel_types: set[Any] = set()
 
 
@@ -282,7 +325,7 @@ def _fused_balance_cached(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...
     types. numba's disk cache is not safe when processes compile different types of one function at
     once: both can pick the same free file name, and a later load runs the other type's machine code
     (a segmentation fault). Order servers and workers of a sweep start together, hence the lock."""
-    key = numba.typeof(arrays)
+    key = tuple((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.writeable) for a in arrays)  # numba's type
     if key in _kernel_types:
         return fused_balance(running_sum, arrays)
     with FileLock(os.path.join(tempfile.gettempdir(), f"orderlab-numba-cache-{os.getuid()}.lock")):
