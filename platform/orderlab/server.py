@@ -60,7 +60,8 @@ class _AttachedRing:
 
 
 #: seconds between polls of the rings when they are idle: from the first to the last, doubling (an idle
-#: poll costs about 70 µs of CPU, so polling every 2 ms took 3.6% of a core during an LSTM trial)
+#: poll costs about 70 µs of CPU, so polling every 2 ms took 3.6% of a core during an LSTM trial);
+#: back to the first when ``begin_epoch`` hands out an order, since the epoch's messages follow
 RING_POLL_SECONDS = (1e-4, 1e-2)
 
 PAYLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -131,6 +132,7 @@ class OrderServer:
         self.num_workers = num_workers
         self.generation = 0
         self._changed = asyncio.Event()
+        self._order_taken = asyncio.Event()  # wakes an idle ring poller
         self.rings: dict[int, _AttachedRing] = {}  # by rank
         self._poller: asyncio.Task | None = None
         self._poll_error: BaseException | None = None  # what stopped the ring poller, raised to callers
@@ -219,6 +221,7 @@ class OrderServer:
                 continue
             self._changed.clear()
             await self._changed.wait()
+        self._order_taken.set()
         return self.orders[epoch][rank]
 
     def order_digest(self, epoch: int) -> str:
@@ -330,9 +333,21 @@ class OrderServer:
             if received:
                 self._apply_ready()
                 pause = RING_POLL_SECONDS[0]
+                await asyncio.sleep(0)
+            elif await self._wait_for_order_taken(pause):
+                pause = RING_POLL_SECONDS[0]
             else:
                 pause = min(2 * pause, RING_POLL_SECONDS[1])
-            await asyncio.sleep(0 if received else pause)
+
+    async def _wait_for_order_taken(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a ``begin_epoch`` call to hand out an order; True if one did."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._order_taken.wait()
+        except TimeoutError:
+            return False
+        self._order_taken.clear()
+        return True
 
     def _release_rings(self) -> None:
         """Hand back every ring slot whose items are applied, stale, or dropped (held in order per ring)."""

@@ -28,6 +28,7 @@ from test_server import (
     worker_items,
 )
 
+from orderlab import server as server_module
 from orderlab.channel import MessageRing
 from orderlab.server import OrderServer
 
@@ -213,5 +214,21 @@ def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_pat
         fresh.publish(0, 0, 0, 2, 3, np.float32, generation)
         orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
         assert sorted(orders.tolist()) == [0, 1, 2, 3] and fresh.released == 1
+
+    asyncio.run(scenario())
+
+
+def test_handing_out_an_order_wakes_an_idle_poller(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(server_module, "RING_POLL_SECONDS", (60.0, 60.0))  # idle polls a minute apart
+    server = make_server(**SMALL_SERVER)
+
+    async def scenario() -> None:
+        generation, ring = await new_generation_with_ring(server, str(tmp_path))
+        await asyncio.sleep(0.01)  # the poller found the ring empty and sleeps
+        ring.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+        ring.publish(0, 0, 0, 2, 3, np.float32, generation)
+        await server.begin_epoch(0, 0, generation)  # a worker takes its order: its messages follow
+        orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
+        assert sorted(orders.tolist()) == [0, 1, 2, 3] and ring.released == 1
 
     asyncio.run(scenario())
