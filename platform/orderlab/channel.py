@@ -16,8 +16,9 @@ slots, each starting on a page, or on a huge page (2 MiB) when a slot is at leas
 One producer and one consumer per ring: the producer writes a slot before it advances ``published``
 and the consumer reads ``published`` before the slot (x86-64 stores become visible in program order).
 
-Huge pages: the server reads every payload in each pass of its balancing, 20-30% slower from 4 KiB
-pages than from 2 MiB ones (README, "Performance"). Both sides ask for huge pages
+Huge pages: the server reads every payload from the ring; from 4 KiB pages that took 20-40% longer
+than from 2 MiB ones until its kernel prefetched across page boundaries, and still takes up to 11%
+longer through the actor (README, "Performance"). Both sides ask for huge pages
 (``madvise(MADV_HUGEPAGE)``); the kernel gives them where the ring's file system allows: a tmpfs
 mounted with ``-o huge=within_size``, ``always`` or ``advise`` (``ordering.ring_directory``), which
 /dev/shm usually is not.
