@@ -325,7 +325,9 @@ def _fused_balance_cached(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...
     types. numba's disk cache is not safe when processes compile different types of one function at
     once: both can pick the same free file name, and a later load runs the other type's machine code
     (a segmentation fault). Order servers and workers of a sweep start together, hence the lock."""
-    key = tuple((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.writeable) for a in arrays)  # numba's type
+    key = tuple(  # what numba's type of the tuple depends on
+        (a.dtype, a.ndim, a.flags.c_contiguous, a.flags.writeable, a.flags.aligned) for a in arrays
+    )
     if key in _kernel_types:
         return fused_balance(running_sum, arrays)
     with FileLock(os.path.join(tempfile.gettempdir(), f"orderlab-numba-cache-{os.getuid()}.lock")):
