@@ -339,22 +339,23 @@ def _fused_balance_cached(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...
 class NextOrder:
     """The orders being built for the next epoch, with each worker's free left/right slots L and R.
 
-    Slots are Python lists: the balancing loop writes one slot per decision, and list writes cost
-    a fraction of tensor element writes.
+    Attributes:
+        slots: int64 [num_workers, shard_size], the units placed so far; free slots hold -1.
+        left, right: each worker's L and R (Python ints: the per-unit loop of grab reads them).
     """
 
     def __init__(self, num_workers: int, shard_size: int) -> None:
-        self.slots = [[-1] * shard_size for _ in range(num_workers)]
+        self.slots = np.full((num_workers, shard_size), -1, dtype=np.int64)
         self.left = [0] * num_workers
         self.right = [shard_size - 1] * num_workers
 
     def place_unit(self, worker: int, unit: int, positive: bool) -> None:
         """MeanBalance: ε=+1 puts ``unit`` at L (L += 1), ε=-1 at R (R -= 1)."""
         if positive:
-            self.slots[worker][self.left[worker]] = unit
+            self.slots[worker, self.left[worker]] = unit
             self.left[worker] += 1
         else:
-            self.slots[worker][self.right[worker]] = unit
+            self.slots[worker, self.right[worker]] = unit
             self.right[worker] -= 1
 
     def place_pairs(self, firsts: np.ndarray, seconds: np.ndarray, positive: np.ndarray) -> None:
@@ -368,28 +369,28 @@ class NextOrder:
         lefts, rights = np.where(positive, firsts, seconds), np.where(positive, seconds, firsts)
         count = firsts.shape[1]
         for worker, (slots, left, right) in enumerate(zip(self.slots, self.left, self.right, strict=True)):
-            slots[left : left + count] = lefts[worker].tolist()
-            slots[right - count + 1 : right + 1] = rights[worker, ::-1].tolist()  # R, R - 1, ...
+            slots[left : left + count] = lefts[worker]
+            slots[right - count + 1 : right + 1] = rights[worker, ::-1]  # R, R - 1, ...
             self.left[worker], self.right[worker] = left + count, right - count
 
     def place_middle(self, worker: int, unit: int) -> None:
         """Odd shard size: the epoch's last unit takes the middle slot (L = R)."""
         assert self.left[worker] == self.right[worker], "the middle slot is placed last"
-        self.slots[worker][self.left[worker]] = unit
+        self.slots[worker, self.left[worker]] = unit
         self.left[worker] += 1
 
     def is_complete(self) -> bool:
         return all(left > right for left, right in zip(self.left, self.right, strict=True))
 
     def as_tensor(self) -> torch.Tensor:
-        """The orders: LongTensor [num_workers, shard_size]; unfilled slots hold -1."""
-        return torch.tensor(self.slots, dtype=torch.long)
+        """The orders: a copy as LongTensor [num_workers, shard_size]; unfilled slots hold -1."""
+        return torch.from_numpy(self.slots.copy())
 
     def state_dict(self) -> dict[str, Any]:
         return {"slots": self.as_tensor(), "left": list(self.left), "right": list(self.right)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.slots = state["slots"].tolist()
+        self.slots = state["slots"].numpy().copy()
         self.left = list(state["left"])
         self.right = list(state["right"])
 
@@ -397,7 +398,7 @@ class NextOrder:
 class BalancingEpochs:
     """The epoch bookkeeping that grab, pair-balance and cd-grab share.
 
-    Holds the epoch's orders (and their rows as lists, ``visit``, for the balancing loops), the
+    Holds the epoch's orders (and ``visit``, a numpy view of them for the balancing loops), the
     orders being built for the next epoch, the running sums [num_sums, dim] float32, the sign rule,
     and how many items of the epoch have been balanced.
     """
@@ -422,7 +423,7 @@ class BalancingEpochs:
         self.running_sum = torch.zeros(num_sums, dim, dtype=torch.float32)
         self.epoch = -1
         self.orders = torch.empty(num_workers, 0, dtype=torch.long)
-        self.visit: list[list[int]] = []
+        self.visit = self.orders.numpy()
         self.next = NextOrder(num_workers, shard_size)
         self.done = 0  # items balanced this epoch
 
@@ -442,7 +443,7 @@ class BalancingEpochs:
                 )
             self.orders = self.next.as_tensor()
         self.epoch += 1
-        self.visit = self.orders.tolist()
+        self.visit = self.orders.numpy()
         self.running_sum.zero_()
         self.next = NextOrder(self.num_workers, self.shard_size)
         self.done = 0
@@ -470,7 +471,7 @@ class BalancingEpochs:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.orders = state["orders"].clone()
-        self.visit = self.orders.tolist()
+        self.visit = self.orders.numpy()
         self.running_sum = state["running_sum"].clone()
         self.next.load_state_dict(state["next"])
         self.done = int(state["done"])
