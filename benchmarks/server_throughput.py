@@ -207,8 +207,9 @@ class RingBench:
     """``RemoteOrderServer`` fed through shared-memory rings (``ordering.transport: shared_memory``).
 
     The driver plays every rank as workers do: it publishes each message in that rank's next free
-    ring slot (``max_in_flight`` + 1 slots per rank), waits at the epoch's end until the server has
-    released every slot (the workers' flush), then asks for every rank's order. Writing a message
+    ring slot (``max_in_flight`` + 1 slots per rank), then at the epoch's end asks for every rank's
+    order (a worker's flush does not wait on its ring: ``begin_epoch`` answers once the server has
+    applied the epoch's items). Writing a message
     into its slot is the worker's own work (its pair differences are formed there), so the driver
     does not time it: every slot holds its pool vectors from before the first measurement, which
     keeps one driver from being the bottleneck for W producers. The rings' memory (W × slots ×
@@ -266,8 +267,6 @@ class RingBench:
                     ring.publish(
                         epoch, message.start, message.rank, len(message.items), dim, message.items.dtype, 0
                     )
-            for ring in self.rings:
-                ring.wait_until_released(_keep_waiting)
             ray.get([server.begin_epoch.remote(epoch + 1, rank) for rank in range(self.workload.num_workers)])
         seconds = time.perf_counter() - started
         self.cpu_seconds = ray.get(self.server.__ray_call__.remote(_process_time)) - cpu_started

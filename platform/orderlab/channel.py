@@ -167,10 +167,6 @@ class MessageRing:
         """
         return self._wait(lambda: self.published - self.released < self.slots, keep_waiting, check_every)
 
-    def wait_until_released(self, keep_waiting: Callable[[], None], check_every: float = 1.0) -> float:
-        """Wait until the consumer has released every published message; return the seconds waited."""
-        return self._wait(lambda: self.released == self.published, keep_waiting, check_every)
-
     def slot_array(self, width: int, dtype: np.dtype) -> np.ndarray:
         """The next slot to publish as a writable array [rows_per_slot, width] (call ``wait_for_slot`` first)."""
         rows = self.rows_per_slot(width, dtype)

@@ -88,7 +88,7 @@ def decode_payload(items: np.ndarray) -> torch.Tensor:
 
 def order_digest(orders: np.ndarray) -> str:
     """sha256 of an epoch's orders (int64 [num_workers, shard_size]): equal digests, equal orders."""
-    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64)).hexdigest()
 
 
 class OrderServer:
@@ -215,12 +215,10 @@ class OrderServer:
                 "Ray restarted the server, so its state is gone"
             )
         while epoch not in self.orders:
-            self._raise_poll_error()
             if self.ordering.items_per_epoch == 0 and epoch == self.epoch + 1:  # nothing to wait for
                 self._advance()
-                continue
-            self._changed.clear()
-            await self._changed.wait()
+            else:
+                await self._wait_for_change()
         self._order_taken.set()
         return self.orders[epoch][rank]
 
@@ -232,8 +230,16 @@ class OrderServer:
         """The Ray node this server runs on (recorded in the trials table)."""
         return ray.get_runtime_context().get_node_id()
 
-    def snapshot(self) -> dict[str, Any]:
-        """The server's state at an epoch boundary, for checkpoints (torch tensors and ints)."""
+    async def snapshot(self, epoch: int | None = None) -> dict[str, Any]:
+        """The server's state at an epoch boundary, for checkpoints (torch tensors and ints): once
+        every item of ``epoch`` is applied, when given (workers on rings do not wait for that
+        themselves, see ``ServerMessenger.flush``).
+
+        Raises:
+            the exception that stopped the ring poller, if one did.
+        """
+        while epoch is not None and self.epoch <= epoch and self.ordering.items_per_epoch > 0:
+            await self._wait_for_change()
         return {
             "epoch": self.epoch,
             "cursor": self.cursor,
@@ -305,6 +311,13 @@ class OrderServer:
         if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()
         self._release_rings()
+
+    async def _wait_for_change(self) -> None:
+        """Wait until an epoch's orders are built or the state is reset or restored; raise the
+        poller's error first, if it stopped."""
+        self._raise_poll_error()
+        self._changed.clear()
+        await self._changed.wait()
 
     def _raise_poll_error(self) -> None:
         if self._poll_error is not None:

@@ -234,11 +234,14 @@ class ServerMessenger:
             self._send()
 
     def flush(self) -> None:
-        """Send what is queued and wait until the server has applied all of this worker's messages."""
+        """Send what is queued; with Ray calls, wait for their replies (their errors surface here).
+
+        A ring's messages are not waited for: the server's ``begin_epoch`` and ``snapshot(epoch)``
+        wait until it has applied the epoch's items, so it balances the last of them while the
+        workers evaluate.
+        """
         self._send()
         started = time.perf_counter()
-        if self.ring is not None:
-            self.ring.wait_until_released(self._check_ring)
         ray.get(list(self.in_flight))
         self.in_flight.clear()
         self.wait_seconds += time.perf_counter() - started
@@ -616,7 +619,7 @@ class WorkerLoop:
         self, epoch: int, times: EpochTimes, herding: float | None, checkpoint: bool = True
     ) -> None:
         """Evaluate, write the epoch row and (rank 0) a checkpoint keyed by epoch; report to Ray Train once."""
-        metrics = self.evaluate()  # an all-reduce: every worker has flushed its messages by now
+        metrics = self.evaluate()
         row = {
             "trial_id": self.trial_id,
             "sweep": self.cfg.name,
@@ -642,7 +645,7 @@ class WorkerLoop:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
-                "server": ray.get(self.server.snapshot.remote()),
+                "server": ray.get(self.server.snapshot.remote(epoch)),  # once all ranks' items are in
             }
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -232,3 +232,17 @@ def test_handing_out_an_order_wakes_an_idle_poller(tmp_path, monkeypatch) -> Non
         assert sorted(orders.tolist()) == [0, 1, 2, 3] and ring.released == 1
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_waits_until_the_epochs_ring_messages_are_applied(tmp_path) -> None:
+    server = make_server(**SMALL_SERVER)
+
+    async def scenario() -> None:
+        generation, ring = await new_generation_with_ring(server, str(tmp_path))
+        ring.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+        ring.publish(0, 0, 0, 2, 3, np.float32, generation)  # a worker's flush does not wait for the server
+        state = await asyncio.wait_for(server.snapshot(0), timeout=5)
+        assert (state["epoch"], state["cursor"], ring.released) == (1, 0, 1)  # at the boundary, not before
+        assert sorted(state["orders"][1][0].tolist()) == [0, 1, 2, 3]
+
+    asyncio.run(scenario())

@@ -361,7 +361,7 @@ def test_restore_at_epoch_boundary_continues_identically(name: str) -> None:
     async def scenario() -> None:
         source = make_server(name)
         await run_server_epochs(source, name, grads[:1], np.random.default_rng(1))  # epoch 0 complete
-        state = source.snapshot()
+        state = await source.snapshot()
         assert state["epoch"] == 1 and state["cursor"] == 0
         bytes_at_boundary = source.bytes_received
 
@@ -392,7 +392,7 @@ def test_restore_gradient_free_ordering_continues_identically() -> None:
         expected = [await all_orders(reference, epoch, NUM_WORKERS) for epoch in range(4)]
         for epoch in range(2):
             await all_orders(source, epoch, NUM_WORKERS)
-        state = checkpoint_round_trip(source.snapshot())
+        state = checkpoint_round_trip(await source.snapshot())
         fresh = OrderServer("rr", num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
         fresh.restore(state)
         for epoch in (1, 2, 3):
