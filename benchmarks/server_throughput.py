@@ -207,9 +207,9 @@ class RingBench:
     """``RemoteOrderServer`` fed through shared-memory rings (``ordering.transport: shared_memory``).
 
     The driver plays every rank as workers do: it publishes each message in that rank's next free
-    ring slot (``max_in_flight`` + 1 slots per rank), then at the epoch's end asks for every rank's
-    order (a worker's flush does not wait on its ring: ``begin_epoch`` answers once the server has
-    applied the epoch's items). Writing a message
+    ring slot (``max_in_flight`` + 1 slots per rank), then at the epoch's end waits for every
+    rank's next order in its ring (``MessageRing.wait_for_order``), which the server writes once it
+    has applied the epoch's items. Writing a message
     into its slot is the worker's own work (its pair differences are formed there), so the driver
     does not time it: every slot holds its pool vectors from before the first measurement, which
     keeps one driver from being the bottleneck for W producers. The rings' memory (W × slots ×
@@ -226,7 +226,9 @@ class RingBench:
         slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
         self.rings = []
         for _ in range(workload.num_workers):
-            self.rings.append(MessageRing.create(max_in_flight + 1, slot_bytes, directory))
+            self.rings.append(
+                MessageRing.create(max_in_flight + 1, slot_bytes, directory, 2 * workload.pairs_per_worker)
+            )
             # ready() unlinks it; this if the run stops before (a path, so that the memory can go at close)
             atexit.register(Path(self.rings[-1].path).unlink, missing_ok=True)
         self.epoch, self.cpu_seconds = 0, 0.0
@@ -256,7 +258,7 @@ class RingBench:
         """Seconds from the first message of the next ``epochs`` epochs to the last rank's next order."""
         first, self.epoch = self.epoch, self.epoch + epochs
         rounds = {e: self.workload.rounds(e, self.payload_dtype) for e in range(first, self.epoch)}
-        server, dim = self.server, self.workload.dim
+        dim = self.workload.dim
         cpu_started = ray.get(self.server.__ray_call__.remote(_process_time))
         started = time.perf_counter()
         for epoch, batches in rounds.items():
@@ -267,7 +269,8 @@ class RingBench:
                     ring.publish(
                         epoch, message.start, message.rank, len(message.items), dim, message.items.dtype, 0
                     )
-            ray.get([server.begin_epoch.remote(epoch + 1, rank) for rank in range(self.workload.num_workers)])
+            for ring in self.rings:
+                ring.wait_for_order(epoch + 1, _keep_waiting)
         seconds = time.perf_counter() - started
         self.cpu_seconds = ray.get(self.server.__ray_call__.remote(_process_time)) - cpu_started
         return seconds

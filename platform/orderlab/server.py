@@ -61,7 +61,7 @@ class _AttachedRing:
 
 #: seconds between polls of the rings when they are idle: from the first to the last, doubling (an idle
 #: poll costs about 70 µs of CPU, so polling every 2 ms took 3.6% of a core during an LSTM trial);
-#: back to the first when ``begin_epoch`` hands out an order, since the epoch's messages follow
+#: back to the first when an order is handed out (``begin_epoch``, a ring), since the epoch's messages follow
 RING_POLL_SECONDS = (1e-4, 1e-2)
 
 PAYLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -160,13 +160,13 @@ class OrderServer:
         Returns:
             The new generation, which workers put on their messages.
         """
+        # the new group's workers attach rings of their own; a poller that failed starts again then
+        self.rings.clear()
         if state is None:
             self._start()
         else:
             self.restore(state)
         self.generation += 1
-        # the new group's workers attach rings of their own; a poller that failed starts again then
-        self.rings.clear()
         if self._poll_error is not None:
             self._poll_error, self._poller = None, None
         self._changed.set()
@@ -185,7 +185,8 @@ class OrderServer:
 
     async def attach_ring(self, rank: int, path: str) -> None:
         """Read worker ``rank``'s messages from now on also from its shared-memory ring at ``path``
-        (``orderlab.channel.MessageRing``; replaces an earlier ring of that rank).
+        (``orderlab.channel.MessageRing``; replaces an earlier ring of that rank), and hand it its
+        next orders there when the ring has room for them (``MessageRing.wait_for_order``).
 
         Raises:
             FileNotFoundError: no ring at ``path`` on this node.
@@ -380,9 +381,13 @@ class OrderServer:
         self.epoch += 1
         self.cursor = 0
         self.pending = [{} for _ in range(self.num_workers)]
-        self.orders[self.epoch] = self.ordering.begin_epoch().numpy()
-        self.digests[self.epoch] = order_digest(self.orders[self.epoch])
+        orders = self.orders[self.epoch] = self.ordering.begin_epoch().numpy()
+        self.digests[self.epoch] = order_digest(orders)
         self.orders.pop(self.epoch - 2, None)
+        for rank, attached in self.rings.items():  # the rings with an order area get their order now
+            if len(attached.ring.order) == orders.shape[1]:
+                attached.ring.hand_order(self.epoch, orders[rank])
+                self._order_taken.set()
         self._changed.set()
 
 

@@ -181,13 +181,19 @@ class ServerMessenger:
     - ``shared_memory`` (CPU workers on the server's node): the send buffer is the next free slot
       of a ``MessageRing`` that the server polls; sending publishes the slot. The ring has
       ``max_in_flight`` + 1 slots (more when a slot holds fewer than ``message_steps`` steps, see
-      ``_next_slot``), so a worker waits only when the server is that far behind.
+      ``_next_slot``), so a worker waits only when the server is that far behind. Once the ring
+      exists, the server also hands the worker its orders there (``fetch_order``).
     - ``ray``: the send buffer stays on the device and ``push.remote`` sends a view of its rows (Ray
       copies arguments when a call is made, so the buffer is reused at once); at most
       ``max_in_flight`` calls are outstanding.
 
-    Raises (from ``add`` and ``flush``):
-        OrderServerRestarted: the server no longer has this worker's ring (Ray restarted it).
+    Args:
+        shard_size: the length of this worker's orders: the ring gets room for them (0: orders
+            always come through ``begin_epoch``).
+
+    Raises (from ``add``, ``flush`` and ``fetch_order``):
+        OrderServerRestarted: the server no longer has this worker's ring (Ray restarted it), or is
+            at another worker group's generation.
         ray.exceptions.RayActorError: the server died.
     """
 
@@ -202,8 +208,9 @@ class ServerMessenger:
         payload_dtype: str = "float32",
         transport: str = "ray",
         ring_directory: str | None = None,
+        shard_size: int = 0,
     ) -> None:
-        self.server, self.rank, self.message_kind = server, rank, message_kind
+        self.server, self.rank, self.message_kind, self.shard_size = server, rank, message_kind, shard_size
         self.message_steps, self.max_in_flight = message_steps, max_in_flight
         self.sketch, self.payload_dtype, self.transport = sketch, payload_dtype, transport
         self.ring_directory = ring_directory or default_ring_directory()
@@ -296,7 +303,7 @@ class ServerMessenger:
             lag_slots = math.ceil((self.message_steps + 1) * step_rows / rows)  # a Ray rank's lag
             slots = max(self.max_in_flight + 1, lag_slots + 1)
             try:
-                self.ring = MessageRing.create(slots, rows * row_bytes, self.ring_directory)
+                self.ring = MessageRing.create(slots, rows * row_bytes, self.ring_directory, self.shard_size)
             except OSError as error:
                 raise OrderlabError(
                     f"worker {self.rank} cannot create a shared-memory ring of {slots} × {rows * row_bytes / 2**20:.0f} "
@@ -318,6 +325,16 @@ class ServerMessenger:
         if len(slot) < count:
             raise ValueError(f"a step's {count} rows exceed a ring slot's {len(slot)}")
         return slot.view(torch.bfloat16) if self.payload_dtype == "bfloat16" else slot
+
+    def fetch_order(self, epoch: int) -> tuple[np.ndarray, float]:
+        """This worker's order for ``epoch`` (int64 [shard_size]) and the seconds spent waiting for
+        it: from the ring once it exists, else through ``begin_epoch``, which also checks the
+        generation."""
+        if self.ring is not None and self.shard_size > 0:
+            return self.ring.wait_for_order(epoch, self._check_ring)
+        started = time.perf_counter()
+        order = ray.get(self.server.begin_epoch.remote(epoch, self.rank, self.generation))
+        return order, time.perf_counter() - started
 
     def _check_ring(self) -> None:
         """Called while waiting on the ring: raise when the server no longer reads it."""
@@ -366,17 +383,6 @@ def message_transport(transport: str, server: Any, device: torch.device) -> str:
             f"(this worker: {device.type}, {'same' if same_node else 'another'} node); use auto or ray"
         )
     return "ray"
-
-
-def fetch_order(server: Any, epoch: int, rank: int, generation: int) -> tuple[np.ndarray, float]:
-    """This worker's order for ``epoch`` (int64 [shard_size]) and the seconds spent waiting for it.
-
-    Raises:
-        OrderServerRestarted: the server is not at this worker group's ``generation``.
-    """
-    started = time.perf_counter()
-    order = ray.get(server.begin_epoch.remote(epoch, rank, generation))
-    return order, time.perf_counter() - started
 
 
 @dataclass
@@ -436,6 +442,7 @@ class WorkerLoop:
             if self.plan.needs_gradients
             else "ray",
             ordering.ring_directory,
+            self.plan.shard_size,
         )
 
     def run(self) -> dict[str, Any]:
@@ -449,7 +456,7 @@ class WorkerLoop:
         try:
             start = self.start_generation(self.restore_checkpoint())
             for epoch in range(start, self.cfg.train.epochs):
-                order, wait_seconds = fetch_order(self.server, epoch, self.rank, self.messenger.generation)
+                order, wait_seconds = self.messenger.fetch_order(epoch)
                 herding = self.measure_herding(order) if self.cfg.metrics.herding else None
                 times, diverged = self.run_epoch(epoch, order)
                 times.order_wait_seconds += wait_seconds

@@ -140,10 +140,13 @@ async def publish_epoch(
 async def run_ring_epochs(
     server: OrderServer, name: str, grads: np.ndarray, rng: np.random.Generator, dtype: type, directory: str
 ) -> list[np.ndarray]:
-    """Orders of epochs 0..E when every rank sends through a 2-slot ring."""
-    num_epochs, num_workers, _, dim = grads.shape
+    """Orders of epochs 0..E when every rank sends through a 2-slot ring, which also gets its orders."""
+    num_epochs, num_workers, shard_size, dim = grads.shape
     generation = await server.reset(None)
-    rings = [MessageRing.create(2, 4 * dim * np.dtype(dtype).itemsize, directory) for _ in range(num_workers)]
+    rings = [
+        MessageRing.create(2, 4 * dim * np.dtype(dtype).itemsize, directory, order_length=shard_size)
+        for _ in range(num_workers)
+    ]
     for rank, ring in enumerate(rings):
         await server.attach_ring(rank, ring.path)
         ring.unlink()
@@ -154,6 +157,9 @@ async def run_ring_epochs(
         await publish_epoch(server, rings, epoch, items, rng, generation)
         orders.append(await asyncio.wait_for(all_orders(server, epoch + 1, num_workers), timeout=10))
         assert all(ring.released == ring.published for ring in rings)  # every slot handed back
+        for rank, ring in enumerate(rings):  # each worker's order is in its ring too
+            order, waited = ring.wait_for_order(epoch + 1, keep_waiting=lambda: pytest.fail("no order"))
+            np.testing.assert_array_equal(order, orders[-1][rank])
     return orders
 
 
