@@ -41,7 +41,7 @@ import ray
 import torch
 from _common import fmt, machine_line, markdown_table, median, parse_sizes, plain_balance, timed
 
-from orderlab.channel import WIRE_DTYPES, MessageRing, default_ring_directory
+from orderlab.channel import BELL_SUFFIX, WIRE_DTYPES, MessageRing, default_ring_directory
 from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer, encode_payload
 
 #: the fastest cd-grab step (seconds) that benchmarks/epoch_overhead.py measured with example units and
@@ -229,8 +229,9 @@ class RingBench:
             self.rings.append(
                 MessageRing.create(max_in_flight + 1, slot_bytes, directory, 2 * workload.pairs_per_worker)
             )
-            # ready() unlinks it; this if the run stops before (a path, so that the memory can go at close)
-            atexit.register(Path(self.rings[-1].path).unlink, missing_ok=True)
+            # ready() unlinks them; this if the run stops before (paths, so that the memory can go at close)
+            for path in (self.rings[-1].path, self.rings[-1].path + BELL_SUFFIX):
+                atexit.register(Path(path).unlink, missing_ok=True)
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def ready(self) -> ray.ObjectRef:

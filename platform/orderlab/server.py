@@ -61,7 +61,8 @@ class _AttachedRing:
 
 #: seconds between polls of the rings when they are idle: from the first to the last, doubling (an idle
 #: poll costs about 70 µs of CPU, so polling every 2 ms took 3.6% of a core during an LSTM trial);
-#: back to the first when an order is handed out (``begin_epoch``, a ring), since the epoch's messages follow
+#: back to the first when a ring's doorbell rings or an order is handed out (``begin_epoch``, a
+#: ring), which also ends the wait at once
 RING_POLL_SECONDS = (1e-4, 1e-2)
 
 PAYLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -132,7 +133,7 @@ class OrderServer:
         self.num_workers = num_workers
         self.generation = 0
         self._changed = asyncio.Event()
-        self._order_taken = asyncio.Event()  # wakes an idle ring poller
+        self._wake = asyncio.Event()  # wakes an idle ring poller: a doorbell rang or an order went out
         self.rings: dict[int, _AttachedRing] = {}  # by rank
         self._poller: asyncio.Task | None = None
         self._poll_error: BaseException | None = None  # what stopped the ring poller, raised to callers
@@ -161,6 +162,8 @@ class OrderServer:
             The new generation, which workers put on their messages.
         """
         # the new group's workers attach rings of their own; a poller that failed starts again then
+        for attached in self.rings.values():
+            self._detach(attached.ring)
         self.rings.clear()
         if state is None:
             self._start()
@@ -191,7 +194,12 @@ class OrderServer:
         Raises:
             FileNotFoundError: no ring at ``path`` on this node.
         """
-        self.rings[rank] = _AttachedRing(MessageRing.attach(path))
+        if rank in self.rings:
+            self._detach(self.rings[rank].ring)
+        ring = MessageRing.attach(path)
+        self.rings[rank] = _AttachedRing(ring)
+        if ring.bell is not None:
+            asyncio.get_running_loop().add_reader(ring.bell, self._wake.set)
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_rings())
 
@@ -220,7 +228,7 @@ class OrderServer:
                 self._advance()
             else:
                 await self._wait_for_change()
-        self._order_taken.set()
+        self._wake.set()
         return self.orders[epoch][rank]
 
     def order_digest(self, epoch: int) -> str:
@@ -335,6 +343,8 @@ class OrderServer:
     async def _poll_rings_forever(self) -> None:
         pause = RING_POLL_SECONDS[0]
         while True:
+            for attached in self.rings.values():
+                attached.ring.drain_bell()  # its messages so far are visible to receive() below
             received = False
             for attached in list(self.rings.values()):
                 for fields in attached.ring.receive():
@@ -348,20 +358,26 @@ class OrderServer:
                 self._apply_ready()
                 pause = RING_POLL_SECONDS[0]
                 await asyncio.sleep(0)
-            elif await self._wait_for_order_taken(pause):
+            elif await self._wait_for_wake(pause):
                 pause = RING_POLL_SECONDS[0]
             else:
                 pause = min(2 * pause, RING_POLL_SECONDS[1])
 
-    async def _wait_for_order_taken(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a ``begin_epoch`` call to hand out an order; True if one did."""
+    async def _wait_for_wake(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a ring's doorbell or an order handed out; True if one came."""
         try:
             async with asyncio.timeout(seconds):
-                await self._order_taken.wait()
+                await self._wake.wait()
         except TimeoutError:
             return False
-        self._order_taken.clear()
+        self._wake.clear()
         return True
+
+    def _detach(self, ring: MessageRing) -> None:
+        """Stop watching ``ring``'s doorbell and close it."""
+        if ring.bell is not None:
+            asyncio.get_running_loop().remove_reader(ring.bell)
+        ring.close()
 
     def _release_rings(self) -> None:
         """Hand back every ring slot whose items are applied, stale, or dropped (held in order per ring)."""
@@ -387,7 +403,7 @@ class OrderServer:
         for rank, attached in self.rings.items():  # the rings with an order area get their order now
             if len(attached.ring.order) == orders.shape[1]:
                 attached.ring.hand_order(self.epoch, orders[rank])
-                self._order_taken.set()
+                self._wake.set()
         self._changed.set()
 
 
