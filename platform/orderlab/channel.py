@@ -53,9 +53,8 @@ WIRE_DTYPES = {
     "bfloat16": np.dtype(np.int16),
 }
 _WIRE_CODES = list(WIRE_DTYPES.values())
-_PUBLISHED, _RELEASED, _SLOTS, _SLOT_BYTES, _DATA_OFFSET, _ORDER_OFFSET, _ORDER_LENGTH, _ORDER_EPOCH = range(
-    8
-)
+_PUBLISHED, _RELEASED, _SLOTS, _SLOT_BYTES, _DATA_OFFSET = range(5)  # the header's words
+_ORDER_OFFSET, _ORDER_LENGTH, _ORDER_EPOCH = range(5, 8)
 _HEADER_WORDS, _META_WORDS, _PAGE, _HUGE_PAGE = 8, 8, 4096, 2**21
 BELL_SUFFIX = ".bell"  # the doorbell's file: the ring's path and this
 #: seconds between a worker's checks while it waits, from the first to the last, doubling: for a free

@@ -218,11 +218,7 @@ class OrderServer:
         Raises:
             OrderServerRestarted: ``generation`` (the caller's worker group) is not the current one.
         """
-        if generation is not None and generation != self.generation:
-            raise OrderServerRestarted(
-                f"the order server is at generation {self.generation}, the worker group at {generation}: "
-                "Ray restarted the server, so its state is gone"
-            )
+        self._check_generation(generation)
         while epoch not in self.orders:
             if self.ordering.items_per_epoch == 0 and epoch == self.epoch + 1:  # nothing to wait for
                 self._advance()
@@ -239,16 +235,20 @@ class OrderServer:
         """The Ray node this server runs on (recorded in the trials table)."""
         return ray.get_runtime_context().get_node_id()
 
-    async def snapshot(self, epoch: int | None = None) -> dict[str, Any]:
+    async def snapshot(self, epoch: int | None = None, generation: int | None = None) -> dict[str, Any]:
         """The server's state at an epoch boundary, for checkpoints (torch tensors and ints): once
         every item of ``epoch`` is applied, when given (workers on rings do not wait for that
         themselves, see ``ServerMessenger.flush``).
 
         Raises:
+            OrderServerRestarted: ``generation`` (the caller's worker group) is not the current one
+                (a restarted server would never get the epoch's items).
             the exception that stopped the ring poller, if one did.
         """
+        self._check_generation(generation)
         while epoch is not None and self.epoch <= epoch and self.ordering.items_per_epoch > 0:
             await self._wait_for_change()
+            self._check_generation(generation)
         return {
             "epoch": self.epoch,
             "cursor": self.cursor,
@@ -320,6 +320,13 @@ class OrderServer:
         if ready > 0 and self.cursor == self.ordering.items_per_epoch:
             self._advance()
         self._release_rings()
+
+    def _check_generation(self, generation: int | None) -> None:
+        if generation is not None and generation != self.generation:
+            raise OrderServerRestarted(
+                f"the order server is at generation {self.generation}, the worker group at {generation}: "
+                "Ray restarted the server, so its state is gone"
+            )
 
     async def _wait_for_change(self) -> None:
         """Wait until an epoch's orders are built or the state is reset or restored; raise the

@@ -652,7 +652,8 @@ class WorkerLoop:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
-                "server": ray.get(self.server.snapshot.remote(epoch)),  # once all ranks' items are in
+                # once all ranks' items of the epoch are in
+                "server": ray.get(self.server.snapshot.remote(epoch, self.messenger.generation)),
             }
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))

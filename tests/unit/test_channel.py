@@ -272,3 +272,13 @@ def test_a_doorbell_wakes_an_idle_poller(tmp_path, monkeypatch) -> None:
         ring.close()
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_server_refuses_a_snapshot_instead_of_waiting_forever() -> None:
+    server = make_server(**SMALL_SERVER)  # as Ray restarts it: generation 0, no rings, epoch 0
+
+    async def scenario() -> None:
+        with pytest.raises(server_module.OrderServerRestarted, match="generation 0, the worker group at 3"):
+            await asyncio.wait_for(server.snapshot(0, generation=3), timeout=5)
+
+    asyncio.run(scenario())
