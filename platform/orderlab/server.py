@@ -2,10 +2,11 @@
 
 Workers send keyed messages (epoch, start index, rank) carrying numpy payloads: pair differences for
 pair-balance/cd-grab, unit gradients for grab. A worker on the server's node writes them into a
-shared-memory ring (``orderlab.channel``) that the server polls; a worker elsewhere sends them with
-``push``. The server applies items strictly in (item index, rank) order, whatever the arrival order
-or path, so the orders equal those of a centralized run; a replayed key does nothing.
-``begin_epoch(epoch, rank)`` answers once that epoch's orders exist.
+shared-memory ring (``orderlab.channel``) that the server reads when the ring's doorbell rings (or
+at its next poll); a worker elsewhere sends them with ``push``. The server applies items strictly in
+(item index, rank) order, whatever the arrival order or path, so the orders equal those of a
+centralized run; a replayed key does nothing. ``begin_epoch(epoch, rank)`` answers once that
+epoch's orders exist; a worker with a ring also finds its next order there.
 ``OrderServer`` is a plain class (unit tests construct it directly); ``RemoteOrderServer`` is the
 actor. Its methods are ``async`` so that ``begin_epoch`` can wait while messages keep arriving.
 """
