@@ -202,6 +202,7 @@ def run_trial(
         balance=cfg.ordering.balance,
         balance_c=cfg.ordering.balance_c,
         threads=cfg.ordering.server_threads,
+        payload_dtype=cfg.ordering.payload_dtype,
     )
     resources = cfg.resources
     fs, fs_root = storage_location(cfg.storage)

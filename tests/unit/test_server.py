@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from orderlab.orderings import _balance as balance_module
 from orderlab.orderings import make_ordering
 from orderlab.orderings._balance import PARALLEL_MIN_DIM, set_balance_threads
 from orderlab.server import OrderMessage, OrderServer
@@ -196,6 +197,19 @@ def test_float16_payloads_equal_rounded_float32_run(name: str) -> None:
     assert_same_orders(got, expected)
     items_per_rank = SHARD_SIZE if name == "grab" else SHARD_SIZE // 2
     assert server.bytes_received >= NUM_EPOCHS * NUM_WORKERS * items_per_rank * DIM * 2  # float16: 2 bytes
+
+
+@pytest.mark.parametrize("name", GRADIENT_ORDERINGS)
+@pytest.mark.parametrize("payload_dtype", ["float32", "float16", "bfloat16"])
+def test_loading_the_kernel_at_start_up_changes_no_order(name: str, payload_dtype: str) -> None:
+    grads = random_gradients(23, NUM_EPOCHS, NUM_WORKERS, SHARD_SIZE, DIM)
+    expected = reference_orders(name, grads, SEED, np.random.default_rng(0))
+    server = OrderServer(
+        name, num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=DIM, seed=SEED, payload_dtype=payload_dtype
+    )
+    assert server.cursor == 0 and server.bytes_received == 0
+    got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(4)))
+    assert_same_orders(got, expected)
 
 
 @pytest.mark.parametrize("name", GRADIENT_FREE_ORDERINGS)
@@ -399,3 +413,12 @@ def test_restore_gradient_free_ordering_continues_identically() -> None:
             np.testing.assert_array_equal(await all_orders(fresh, epoch, NUM_WORKERS), expected[epoch])
 
     asyncio.run(scenario())
+
+
+def test_a_server_told_its_payload_dtype_loads_the_kernel_before_any_message(monkeypatch) -> None:
+    monkeypatch.setattr(balance_module, "_kernel_types", set())  # as in a fresh actor process
+    OrderServer("cd-grab", num_workers=3, shard_size=8, dim=DIM, seed=SEED, payload_dtype="float16")
+    ((dtype, ndim, contiguous, writeable, aligned),) = {
+        key for types in balance_module._kernel_types for key in types
+    }
+    assert (dtype, ndim, contiguous, writeable, aligned) == (np.dtype(np.uint16), 2, True, False, True)
