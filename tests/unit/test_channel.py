@@ -186,6 +186,12 @@ async def new_generation_with_ring(server: OrderServer, directory: str) -> tuple
     return generation, ring
 
 
+def publish_the_epoch(ring: MessageRing, generation: int) -> None:
+    """All of epoch 0 of SMALL_SERVER (2 pairs of rank 0) as one message."""
+    ring.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    ring.publish(0, 0, 0, 2, 3, np.float32, generation)
+
+
 def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_path) -> None:
     server = make_server(**SMALL_SERVER)
 
@@ -216,8 +222,7 @@ def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_pat
             await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
         generation, fresh = await new_generation_with_ring(server, str(tmp_path))  # a new poller too
         assert not server.has_ring(0, ring.path)
-        fresh.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
-        fresh.publish(0, 0, 0, 2, 3, np.float32, generation)
+        publish_the_epoch(fresh, generation)
         orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
         assert sorted(orders.tolist()) == [0, 1, 2, 3] and fresh.released == 1
 
@@ -231,8 +236,7 @@ def test_handing_out_an_order_wakes_an_idle_poller(tmp_path, monkeypatch) -> Non
     async def scenario() -> None:
         generation, ring = await new_generation_with_ring(server, str(tmp_path))
         await asyncio.sleep(0.01)  # the poller found the ring empty and sleeps
-        ring.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
-        ring.publish(0, 0, 0, 2, 3, np.float32, generation)
+        publish_the_epoch(ring, generation)
         await server.begin_epoch(0, 0, generation)  # a worker takes its order: its messages follow
         orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
         assert sorted(orders.tolist()) == [0, 1, 2, 3] and ring.released == 1
@@ -245,8 +249,7 @@ def test_a_snapshot_waits_until_the_epochs_ring_messages_are_applied(tmp_path) -
 
     async def scenario() -> None:
         generation, ring = await new_generation_with_ring(server, str(tmp_path))
-        ring.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
-        ring.publish(0, 0, 0, 2, 3, np.float32, generation)  # a worker's flush does not wait for the server
+        publish_the_epoch(ring, generation)  # a worker's flush does not wait for the server
         state = await asyncio.wait_for(server.snapshot(0), timeout=5)
         assert (state["epoch"], state["cursor"], ring.released) == (1, 0, 1)  # at the boundary, not before
         assert sorted(state["orders"][1][0].tolist()) == [0, 1, 2, 3]
@@ -263,8 +266,7 @@ def test_a_doorbell_wakes_an_idle_poller(tmp_path, monkeypatch) -> None:
         ring.unlink()  # the worker's side of the doorbell opens here
         assert ring.bell is not None and not list(tmp_path.iterdir())
         await asyncio.sleep(0.01)  # the poller found the ring empty and sleeps
-        ring.slot_array(3, np.float32)[:2] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
-        ring.publish(0, 0, 0, 2, 3, np.float32, generation)  # rings the bell
+        publish_the_epoch(ring, generation)  # rings the bell
         orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
         assert sorted(orders.tolist()) == [0, 1, 2, 3] and ring.released == 1
         await server.reset(None)  # a new worker group: the old ring's doorbell is closed
