@@ -229,17 +229,26 @@ def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_pat
     asyncio.run(scenario())
 
 
-def test_handing_out_an_order_wakes_an_idle_poller(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("wake", ["an order handed out", "a doorbell"])
+def test_an_idle_poller_wakes_at_once(wake: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(server_module, "RING_POLL_SECONDS", (60.0, 60.0))  # idle polls a minute apart
     server = make_server(**SMALL_SERVER)
 
     async def scenario() -> None:
         generation, ring = await new_generation_with_ring(server, str(tmp_path))
+        if wake == "a doorbell":
+            ring.unlink()  # the worker's side of the doorbell opens here
+            assert ring.bell is not None and not list(tmp_path.iterdir())
         await asyncio.sleep(0.01)  # the poller found the ring empty and sleeps
-        publish_the_epoch(ring, generation)
-        await server.begin_epoch(0, 0, generation)  # a worker takes its order: its messages follow
+        publish_the_epoch(ring, generation)  # rings the bell once unlinked
+        if wake == "an order handed out":
+            await server.begin_epoch(0, 0, generation)  # a worker takes its order: its messages follow
         orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
         assert sorted(orders.tolist()) == [0, 1, 2, 3] and ring.released == 1
+        if wake == "a doorbell":
+            await server.reset(None)  # a new worker group: the old ring's doorbell is closed
+            ring.publish(0, 0, 0, 2, 3, np.float32, generation)  # the server has gone: no error here
+            ring.close()
 
     asyncio.run(scenario())
 
@@ -253,25 +262,6 @@ def test_a_snapshot_waits_until_the_epochs_ring_messages_are_applied(tmp_path) -
         state = await asyncio.wait_for(server.snapshot(0), timeout=5)
         assert (state["epoch"], state["cursor"], ring.released) == (1, 0, 1)  # at the boundary, not before
         assert sorted(state["orders"][1][0].tolist()) == [0, 1, 2, 3]
-
-    asyncio.run(scenario())
-
-
-def test_a_doorbell_wakes_an_idle_poller(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(server_module, "RING_POLL_SECONDS", (60.0, 60.0))  # idle polls a minute apart
-    server = make_server(**SMALL_SERVER)
-
-    async def scenario() -> None:
-        generation, ring = await new_generation_with_ring(server, str(tmp_path))
-        ring.unlink()  # the worker's side of the doorbell opens here
-        assert ring.bell is not None and not list(tmp_path.iterdir())
-        await asyncio.sleep(0.01)  # the poller found the ring empty and sleeps
-        publish_the_epoch(ring, generation)  # rings the bell
-        orders = await asyncio.wait_for(server.begin_epoch(1, 0), timeout=5)
-        assert sorted(orders.tolist()) == [0, 1, 2, 3] and ring.released == 1
-        await server.reset(None)  # a new worker group: the old ring's doorbell is closed
-        ring.publish(0, 0, 0, 2, 3, np.float32, generation)  # the server has gone: no error here
-        ring.close()
 
     asyncio.run(scenario())
 
