@@ -111,16 +111,35 @@ def _linear_per_example_gradients(
             hook.remove()
     k = inputs.shape[0]
     grad_outputs = torch.autograd.grad(loss, [output for _, _, output in calls])
-    grads = {id(p): torch.zeros(k, p.numel(), dtype=p.dtype) for p in model.parameters() if p.requires_grad}
+    # each example's gradient goes straight into its row of ``flat``: no zero fill, no concatenation
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.empty(k, sum(p.numel() for p in params), dtype=torch.float32)
+    columns, offset = {}, 0
+    for p in params:
+        columns[id(p)], offset = flat[:, offset : offset + p.numel()], offset + p.numel()
+    written: set[int] = set()  # the parameters whose columns hold a first call's gradient
     for (layer, activation, _), grad_output in zip(calls, grad_outputs, strict=True):
         activation = activation.reshape(k, -1, layer.in_features)
         grad_output = grad_output.reshape(k, -1, layer.out_features) * k  # the loss is a mean over k examples
         if layer.weight.requires_grad:
-            grads[id(layer.weight)] += torch.einsum("bto,bti->boi", grad_output, activation).reshape(k, -1)
+            target = columns[id(layer.weight)].view(k, layer.out_features, layer.in_features)
+            first = id(layer.weight) not in written
+            if activation.shape[1] > 1:  # sequence positions: the outer products summed over them
+                product = torch.bmm(grad_output.transpose(1, 2), activation)
+                target.copy_(product) if first else target.add_(product)
+            elif first:
+                torch.mul(grad_output.transpose(1, 2), activation, out=target)
+            else:
+                target.addcmul_(grad_output.transpose(1, 2), activation)
+            written.add(id(layer.weight))
         if layer.bias is not None and layer.bias.requires_grad:
-            grads[id(layer.bias)] += grad_output.sum(dim=1)
-    flat = torch.cat([grads[id(p)] for p in model.parameters() if p.requires_grad], dim=1)
-    return flat.to(torch.float32), loss.detach().to(torch.float32)
+            target, first = columns[id(layer.bias)], id(layer.bias) not in written
+            torch.sum(grad_output, 1, out=target) if first else target.add_(grad_output.sum(dim=1))
+            written.add(id(layer.bias))
+    for p in params:
+        if id(p) not in written:  # a layer the forward pass did not call
+            columns[id(p)].zero_()
+    return flat, loss.detach().to(torch.float32)
 
 
 def microbatch_gradient(

@@ -67,7 +67,32 @@ def regression_case():
     return seeded(mlp, 2), mse, inputs, targets
 
 
-CASES = {"mlp": mlp_case, "conv": conv_case, "mlp-mse": regression_case}
+class SharedLinear(nn.Module):
+    """Linear layers only (the fast path), one of them called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def shared_linear_case(positions: tuple[int, ...] = ()):
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(5, *positions, 6, generator=generator)
+    targets = torch.randn(5, *positions, 3, generator=generator)
+    return seeded(SharedLinear, 3), mse, inputs, targets
+
+
+CASES = {
+    "mlp": mlp_case,
+    "conv": conv_case,
+    "mlp-mse": regression_case,
+    "shared-linear": shared_linear_case,
+    "shared-linear-sequence": lambda: shared_linear_case(positions=(4,)),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -123,6 +148,29 @@ def test_frozen_parameters_are_left_out() -> None:
     grad, _ = microbatch_gradient(model, loss_fn, inputs, targets)
     assert grads.shape == (len(inputs), d) and grad.shape == (d,)
     torch.testing.assert_close(grads.mean(dim=0), grad, **TOLERANCE)
+
+
+class WithUnusedLinear(nn.Module):
+    """``mlp()`` followed by a linear layer that ``forward`` never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp, self.unused = mlp(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def test_a_linear_layer_the_forward_pass_skips_gets_zero_gradients() -> None:
+    model, loss_fn, inputs, targets = mlp_case()
+    wrapped = WithUnusedLinear()
+    wrapped.mlp.load_state_dict(model.state_dict())
+    grads, _ = per_example_gradients(wrapped, loss_fn, inputs, targets)
+    unused = wrapped.unused.weight.numel() + wrapped.unused.bias.numel()
+    assert grads.shape == (len(inputs), num_parameters(model) + unused)
+    assert torch.count_nonzero(grads[:, -unused:]) == 0
+    expected, _ = per_example_gradients(model, loss_fn, inputs, targets)
+    torch.testing.assert_close(grads[:, :-unused], expected, atol=0, rtol=0)
 
 
 def test_num_parameters() -> None:
