@@ -574,7 +574,8 @@ def main() -> None:
             logging_level=logging.WARNING,
         )
     capacity_table(args, pair_costs, dtypes)
-    scaling_table(args, pair_costs, dtypes)
+    if args.scaling_workers:  # --scaling-workers "" skips the scaling table
+        scaling_table(args, pair_costs, dtypes)
     print(f"\n(server_throughput took {time.perf_counter() - started:.0f} s)")
 
 
