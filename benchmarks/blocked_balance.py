@@ -7,9 +7,11 @@ across chunks); then the k signs are decided on scalars, <r_q, v_q> = (V·r)_q +
 Fused (``orderlab.orderings._balance.fused_balance``, what the server runs): one pass per two
 vectors that adds the two decided last to r and takes the inner products with the next two; on one
 thread, and with each pass split over ``--threads`` threads (``ordering.server_threads``). Plain:
-``r @ v`` then ``r ± v`` in numpy. All three run on the same unit-norm float32 vectors of a 64 MiB pool (W = 4
-arrays, j-major as the server balances them), once untimed and then the fastest of 3 runs; the script checks
-that the blocked and fused signs and running sums equal the plain loop's.
+``r @ v`` then ``r ± v`` in numpy. One read: every vector summed once and nothing else, the least
+memory traffic any exact kernel can have, so plain ÷ one read bounds every kernel's speed-up on the
+machine. All run on the same unit-norm float32 vectors of a 64 MiB pool (W = 4 arrays, j-major as
+the server balances them), once untimed and then the fastest of 3 runs; the script checks that the
+blocked and fused signs and running sums equal the plain loop's.
 
     python benchmarks/blocked_balance.py          # d = 1e4, 1e5, 1e6; k = 2, 4, 8 (about 1 minute)
     python benchmarks/blocked_balance.py --quick  # d = 1e4, 1e5; k = 2, 4
@@ -72,6 +74,20 @@ def blocked_balance(running_sum, arrays, block, chunk):  # pragma: no cover - co
         previous, previous_count, start = start, count, start + count
 
 
+@numba.njit(nogil=True, fastmath=True)
+def read_once(running_sum, arrays):  # pragma: no cover - compiled by numba
+    """Every vector of the sequence read once from memory (summed), nothing else: the floor of any
+    exact kernel, which must read each vector at least once, so plain ÷ this bounds the speed-up of
+    every kernel on this machine. Returns the sum (no signs)."""
+    total = np.float32(0.0)
+    for array in arrays:
+        for j in range(array.shape[0]):
+            row = array[j]
+            for i in range(row.shape[0]):
+                total += row[i]
+    return total
+
+
 def plain_kernel(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np.ndarray:
     """``plain_balance`` with its signs, as the kernels return them: bool [k, len(arrays)]."""
     signs = np.empty((len(arrays[0]), len(arrays)), dtype=np.bool_)
@@ -122,6 +138,17 @@ def main() -> None:
         rows.append([f"{dim:.0e}", "plain", f"{1e6 * plain / count:.2f}", "1", "-", "-"])
         rows.append(
             [f"{dim:.0e}", "fused", f"{1e6 * fused / count:.2f}", f"{plain / fused:.2f}", "1", str(same)]
+        )
+        seconds = timed_run(read_once, dim, arrays)[0]
+        rows.append(
+            [
+                f"{dim:.0e}",
+                "one read (the floor)",
+                f"{1e6 * seconds / count:.2f}",
+                f"{plain / seconds:.2f}",
+                f"{fused / seconds:.2f}",
+                "-",
+            ]
         )
         for threads in args.threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
