@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/server_throughput.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/blocked_balance.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/epoch_overhead.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/allreduce_contention.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/sketch_quality.py $(BENCH_ARGS)
 
 lint: setup
