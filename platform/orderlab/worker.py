@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import deque
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orderlab import results
-from orderlab.channel import WIRE_DTYPES, MessageRing, default_ring_directory
+from orderlab.channel import WIRE_DTYPES, MessageRing, default_ring_directory, memory_fence
 from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import (
@@ -219,6 +220,8 @@ class ServerMessenger:
         self.pairs = PairStream()
         self.send_buffer: torch.Tensor | None = None  # [capacity, d or sketch_dim] in the payload dtype
         self.ring: MessageRing | None = None  # shared_memory: created at the first message
+        if transport == "shared_memory":
+            memory_fence()  # numba's first call in this process (0.4 s) now, not at the first message
         self.begin_epoch(0)
 
     def begin_epoch(self, epoch: int) -> None:
@@ -367,13 +370,21 @@ class ServerMessenger:
 
 def message_transport(transport: str, server: Any, device: torch.device) -> str:
     """The transport a worker uses (``ordering.transport``): ``auto`` is ``shared_memory`` for a CPU
-    worker on the server's node and ``ray`` otherwise.
+    worker on the server's node on Linux (the only system the rings are built and tested on: their
+    memory allocation, named pipes and huge-page advice are Linux's) and ``ray`` otherwise.
 
     Raises:
-        OrderlabError: ``shared_memory`` asked for on another node or on a GPU.
+        OrderlabError: ``shared_memory`` asked for on another node, on a GPU, or off Linux.
     """
     if transport == "ray":
         return transport
+    if sys.platform != "linux":
+        if transport == "shared_memory":
+            raise OrderlabError(
+                f"ordering.transport: shared_memory needs Linux (this worker runs on {sys.platform}); "
+                "use auto or ray"
+            )
+        return "ray"
     same_node = ray.get(server.node_id.remote()) == ray.get_runtime_context().get_node_id()
     if same_node and device.type == "cpu":
         return "shared_memory"

@@ -127,6 +127,16 @@ def test_transport_follows_the_node_and_the_device(ray_cluster):
     ray.kill(server)
 
 
+def test_transport_off_linux_is_ray_calls(monkeypatch):
+    """The rings are Linux's (posix_fallocate, MADV_POPULATE_WRITE, FIFOs opened read-write): elsewhere
+    ``auto`` sends through Ray calls, and ``shared_memory`` is refused before any Ray call."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    cpu = torch.device("cpu")
+    assert message_transport("auto", None, cpu) == "ray"
+    with pytest.raises(OrderlabError, match="shared_memory needs Linux .*darwin.*use auto or ray"):
+        message_transport("shared_memory", None, cpu)
+
+
 def test_summary_compares_against_the_baseline(two_trial_sweep):
     outcome, _ = two_trial_sweep
     summary = outcome.summary.set_index("ordering")

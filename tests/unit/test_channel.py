@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+import numba
 import numpy as np
 import pytest
 from test_server import (
@@ -28,8 +29,9 @@ from test_server import (
     worker_items,
 )
 
+from orderlab import channel
 from orderlab import server as server_module
-from orderlab.channel import MessageRing
+from orderlab.channel import MessageRing, memory_fence
 from orderlab.server import OrderServer
 
 
@@ -52,6 +54,49 @@ def test_a_message_round_trips_through_a_second_mapping(tmp_path) -> None:
         assert consumer.receive() == []
         consumer.release(1)
         assert producer.released == producer.published == sequence + 1
+
+
+def test_memory_fence_compiles_to_a_full_barrier() -> None:
+    fresh = numba.njit(memory_fence.py_func)  # memory_fence itself may come from numba's disk cache
+    fresh()
+    assert "fence seq_cst" in fresh.inspect_llvm(fresh.signatures[0])
+
+
+def test_a_fence_separates_every_write_from_the_counter_that_announces_it(tmp_path, monkeypatch) -> None:
+    """Each side's fence comes after its data and before its counter (publish, release, hand_order)
+    or after the counter and before the data (receive, wait_for_slot, wait_for_order); what each
+    fence saw of the ring is recorded as (published, released, order epoch, first order unit,
+    first slot's rows)."""
+    producer = MessageRing.create(slots=1, slot_bytes=100, directory=str(tmp_path), order_length=3)
+    consumer = MessageRing.attach(producer.path)
+    producer.unlink()
+    seen = []
+    monkeypatch.setattr(
+        channel,
+        "memory_fence",
+        lambda: seen.append(
+            (
+                producer.published,
+                producer.released,
+                int(producer.header[7]),
+                int(producer.order[0]),
+                int(producer.meta[0, 3]),
+            )
+        ),
+    )
+    producer.wait_for_slot(lambda: None)
+    assert seen.pop() == (0, 0, -1, 0, 0)
+    producer.slot_array(10, np.float32)[:2] = 1.0
+    producer.publish(0, 0, 0, 2, 10, np.float32, generation=0)
+    assert seen.pop() == (0, 0, -1, 0, 2)  # the message's rows recorded, not yet published
+    assert len(consumer.receive()) == 1 and seen.pop() == (1, 0, -1, 0, 2)
+    assert consumer.receive() == [] and seen == []  # nothing new: no fence needed
+    consumer.release(1)
+    assert seen.pop() == (1, 0, -1, 0, 2)  # done reading, not yet released
+    consumer.hand_order(1, np.array([7, 8, 9]))
+    assert seen.pop() == (1, 1, -1, 7, 2)  # the order written, its epoch not yet
+    order, _ = producer.wait_for_order(1, lambda: None)
+    assert seen.pop() == (1, 1, 1, 7, 2) and order.tolist() == [7, 8, 9]
 
 
 def test_slots_of_2_mib_or_more_fill_whole_huge_pages(tmp_path) -> None:
