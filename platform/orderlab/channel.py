@@ -21,7 +21,8 @@ and the consumer reads ``published`` before the slot; the consumer is done readi
 advances ``released``, and the producer reads ``released`` before it writes the slot again; the
 server writes an order before its epoch, and the worker reads the epoch before the order. A full
 memory barrier (``memory_fence``) separates each such pair: x86-64 keeps stores in program order
-anyway, but arm64 (Graviton, Apple silicon) may let another core see ``published`` before the rows.
+anyway, but arm64 (Graviton; Linux containers on Apple silicon) may let another core see
+``published`` before the rows.
 
 Doorbell: a named pipe beside the ring file (``<path>.bell``). After each publish the producer
 writes one byte to it, so a server that found its rings empty can sleep in its event loop until a
@@ -83,8 +84,8 @@ def _fence(typingctx: Any) -> Any:  # pragma: no cover - compiled by numba
 
 @numba.njit(nogil=True, cache=True)
 def memory_fence() -> None:  # pragma: no cover - compiled by numba
-    """A full memory barrier (``mfence`` on x86-64, ``dmb ish`` on arm64): this thread's loads and
-    stores before it are visible to other cores before any after it. About 0.3 µs a call."""
+    """A full memory barrier (a locked instruction on x86-64, ``dmb ish`` on arm64): this thread's
+    loads and stores before it are visible to other cores before any after it. About 0.1 µs a call."""
     _fence()
 
 
