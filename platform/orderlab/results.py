@@ -362,7 +362,8 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
         final_train_loss_mean (orderings without completed trials last).
 
     Raises:
-        OrderlabError: the root cannot be read.
+        OrderlabError: the root cannot be read, or holds no sweep named ``sweep`` (the message
+            lists the sweeps it holds).
     """
     group = ", ".join(GROUP_COLUMNS)
     sql = f"""
@@ -394,6 +395,13 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
     ORDER BY {", ".join(f"k.{c}" for c in GROUP_COLUMNS)}, p.final_train_loss_mean, k.ordering
     """
     with connect(root) as con:
+        if sweep is not None:
+            sweeps = [
+                row[0] for row in con.execute("SELECT DISTINCT sweep FROM trials ORDER BY sweep").fetchall()
+            ]
+            if sweep not in sweeps:
+                there = f"its sweeps: {', '.join(sweeps)}" if sweeps else "it holds no trials"
+                raise OrderlabError(f"no sweep {sweep!r} under results root {root!r}; {there}")
         df = con.execute(sql, {"sweep": sweep}).df()
         curves = con.execute(_completed_epochs_sql(), {"sweep": sweep}).df()
     runs = _runs_by_ordering(curves)

@@ -212,6 +212,15 @@ def test_summary_against_hand_computed_fixture(tmp_path: Path) -> None:
     assert results.summary(root, baseline="so", sweep="s")["epochs_to_baseline"].isna().all()
 
 
+def test_summary_of_an_unknown_sweep_names_the_sweeps_there(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    with pytest.raises(OrderlabError, match="no sweep 's' under results root .*; it holds no trials"):
+        results.summary(root, sweep="s")
+    write_fixture(root)
+    with pytest.raises(OrderlabError, match="no sweep 'nosuch' under results root .*; its sweeps: s, t$"):
+        results.summary(root, sweep="nosuch")
+
+
 def test_summary_one_seed_group_and_format(tmp_path: Path) -> None:
     root = str(tmp_path)
     write_fixture(root)
