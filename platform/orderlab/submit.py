@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from orderlab.config import Overrides, load_config, validate_grid
 from orderlab.errors import OrderlabError
+from orderlab.source import COMMIT_FILE, source_commit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -197,6 +198,7 @@ def stage_package(directory: Path) -> Path:
     """Copy the orderlab package this process imports, with ``orderlab.tasks`` inside, to ``directory/orderlab``.
 
     Works for a source checkout (``tasks/`` mapped to ``orderlab.tasks``) and an installed wheel alike.
+    The git commit of the source, when it has one, goes into the copy's ``COMMIT_FILE``.
     """
     import orderlab
     import orderlab.tasks
@@ -206,6 +208,9 @@ def stage_package(directory: Path) -> Path:
     package = directory / "orderlab"
     shutil.copytree(source, package, ignore=ignore)
     shutil.copytree(Path(orderlab.tasks.__path__[0]), package / "tasks", ignore=ignore, dirs_exist_ok=True)
+    commit = source_commit(source)
+    if commit is not None:  # the trials table of the job's sweep records it (the copy is no checkout)
+        (package / COMMIT_FILE).write_text(commit + "\n")
     return package
 
 

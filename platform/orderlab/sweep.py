@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
 from orderlab.orderings import ordering_class
 from orderlab.server import RemoteOrderServer
+from orderlab.source import source_commit
 from orderlab.tasks import load_task_data, make_task, resolve_data_dir
 from orderlab.worker import build_model, plan_trial, train_loop
 
@@ -127,18 +127,12 @@ def inspect_tasks(points: list[ExperimentConfig]) -> dict[str, TaskFacts]:
 
 def provenance() -> dict[str, str | None]:
     """Versions and the git commit that the trials table records."""
-    commit = subprocess.run(
-        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     return {
         "orderlab_version": metadata.version("orderlab"),
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "python_version": sys.version.split()[0],
-        "git_commit": commit or None,
+        "git_commit": source_commit(),
     }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from orderlab import results
+from orderlab.source import source_commit
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,11 +102,14 @@ def test_submitted_sweep_spreads_each_trial_over_both_nodes(local_cluster, tmp_p
 
     trials = (
         results.connect(str(storage))
-        .sql("SELECT ordering, status, worker_node_ids, server_node_id FROM trials ORDER BY ordering")
+        .sql(
+            "SELECT ordering, status, worker_node_ids, server_node_id, git_commit FROM trials ORDER BY ordering"
+        )
         .df()
     )
     assert trials["ordering"].tolist() == ["cd-grab", "rr"]
     assert set(trials["status"]) == {"completed"}
+    assert set(trials["git_commit"]) == {source_commit()}  # the staged copy's, though it is no checkout
     all_nodes: set[str] = set()
     for worker_node_ids, server_node_id in zip(
         trials["worker_node_ids"], trials["server_node_id"], strict=True

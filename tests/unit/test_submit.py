@@ -13,6 +13,7 @@ import pytest
 
 from orderlab import submit
 from orderlab.errors import OrderlabError
+from orderlab.source import COMMIT_FILE, source_commit
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -63,6 +64,20 @@ def test_staged_package_holds_orderlab_and_its_tasks(tmp_path):
     assert (package / "orderings" / "__init__.py").is_file()
     assert (package / "tasks" / "__init__.py").is_file() and (package / "tasks" / "digits.py").is_file()
     assert not list(package.rglob("__pycache__"))
+
+
+def test_staged_package_records_the_commit_it_was_copied_from(tmp_path):
+    """The Ray Job imports the staged copy, which is no git checkout: its trials table gets the
+    commit from the file staged with it (it recorded None before)."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert source_commit() == head  # this checkout
+    package = submit.stage_package(tmp_path)
+    assert (package / COMMIT_FILE).read_text() == head + "\n"
+    assert source_commit(package) == head
+    (package / COMMIT_FILE).unlink()
+    assert source_commit(package) is None  # a copy outside any checkout, without the file
 
 
 def test_entrypoint_quotes_overrides():
