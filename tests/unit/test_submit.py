@@ -80,6 +80,20 @@ def test_staged_package_records_the_commit_it_was_copied_from(tmp_path):
     assert source_commit(package) is None  # a copy outside any checkout, without the file
 
 
+def test_a_package_inside_another_repository_has_no_commit(tmp_path):
+    """A virtual environment inside a project's checkout holds orderlab in that project's git tree:
+    its commit is the project's, not orderlab's."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(
+        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+         "--allow-empty", "-m", "project"],
+        check=True,
+    )  # fmt: skip
+    package = tmp_path / ".venv" / "lib" / "site-packages" / "orderlab"
+    package.mkdir(parents=True)
+    assert source_commit(package) is None
+
+
 def test_entrypoint_quotes_overrides():
     command = submit.entrypoint("tiny.yaml", ["sweep.seed=[0, 1]", "train.lr=0.05"])
     assert shlex.split(command) == [
