@@ -78,7 +78,7 @@ def test_a_fence_separates_every_write_from_the_counter_that_announces_it(tmp_pa
             (
                 producer.published,
                 producer.released,
-                int(producer.header[7]),
+                int(producer.header[channel._ORDER_EPOCH]),
                 int(producer.order[0]),
                 int(producer.meta[0, 3]),
             )
