@@ -1,11 +1,14 @@
 """``orderlab report``: a self-contained HTML page and PNG figures comparing the orderings of a results root.
 
 Figures (completed trials only; lines are means over seeds, bands span min–max over seeds), one
-row of panels per combination of the group columns that vary in the data:
+row of panels per combination of the group columns that vary in the data; legends name the
+orderings by ``LEGEND_LABELS``:
 
 - ``loss_vs_epoch.png``: train loss and validation metric by epoch;
 - ``loss_vs_seconds.png``: the same against cumulative epoch seconds (wall clock of training);
 - ``herding.png``: the parallel herding bound by epoch, only when ``epochs.herding`` has values;
+- ``final_vs_<axis>.png``: each trial's final train loss (and final herding bound, when measured)
+  against the swept numeric axis (``swept_axis``), only when the trials vary one;
 - ``time_breakdown.png``: mean seconds per epoch, stacked: compute, all-reduce, order wait, other.
 
 matplotlib draws through its Agg canvas directly (no pyplot), so a report never changes the
@@ -42,6 +45,23 @@ TIME_PARTS = (
     ("order_wait_seconds", "order wait", "#c44e52"),
     ("other", "other (epoch s − the three)", "#bbbbbb"),
 )
+# Legend names: the ordering and the name its paper gives it; others show the ordering name.
+LEGEND_LABELS = {
+    "rr": "rr (D-RR)",
+    "pair-balance": "pair-balance (ID-GraB)",
+    "grab": "grab (ID-GraB, Bal)",
+    "cd-grab": "cd-grab (CD-GraB)",
+}
+# Numeric trial columns a sweep can vary, in the order swept_axis picks them, with the log base of
+# their x axis.
+SWEPT_AXES = {"num_workers": 2, "batch_size": 2, "lr": 10, "microbatch_size": 2}
+# final_by_axis(): epochs columns taken at each trial's last epoch, and their panel titles.
+FINAL_METRICS = {"train_loss": "final train loss", "herding": "final parallel herding bound"}
+
+
+def legend_label(ordering: str) -> str:
+    """The legend name of ``ordering``: ``LEGEND_LABELS[ordering]``, else the ordering name itself."""
+    return LEGEND_LABELS.get(ordering, ordering)
 
 
 def _load(root: str, sweep: str | None) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -70,8 +90,8 @@ def _load(root: str, sweep: str | None) -> tuple[pd.DataFrame, dict[str, int]]:
         )
         rows = con.execute(
             f"""
-            SELECT {", ".join(f"t.{c}" for c in results.GROUP_COLUMNS)}, t.ordering, t.seed, e.*
-                   EXCLUDE (sweep, bytes_to_server, lr)
+            SELECT {", ".join(f"t.{c}" for c in dict.fromkeys([*results.GROUP_COLUMNS, *SWEPT_AXES]))},
+                   t.ordering, t.seed, e.* EXCLUDE (sweep, bytes_to_server, lr)
             FROM epochs e JOIN trials t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
             WHERE t.status = 'completed' AND {where}
             ORDER BY t.sweep, e.trial_id, e.epoch
@@ -88,9 +108,32 @@ def _load(root: str, sweep: str | None) -> tuple[pd.DataFrame, dict[str, int]]:
     return rows, {str(k): int(v) for k, v in statuses.items()}
 
 
-def _facets(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per combination of the group columns that vary, in sorted order."""
-    varying = [c for c in results.GROUP_COLUMNS if c != "task" and rows[c].nunique(dropna=False) > 1]
+def completed_epochs(root: str | Path, sweep: str | None = None) -> pd.DataFrame:
+    """The epoch rows ``report`` plots: those of completed trials, with the trials' columns.
+
+    Args:
+        root: results root, a local path or a URI.
+        sweep: only this sweep (default: every sweep under ``root``).
+
+    Returns:
+        One row per (trial, epoch): results.GROUP_COLUMNS, the SWEPT_AXES columns, ordering, seed,
+        the epochs columns but sweep, lr and bytes_to_server, and cumulative_seconds (running sum
+        of epoch_seconds within the trial); sorted by sweep, trial_id, epoch.
+
+    Raises:
+        OrderlabError: the root has no trials, ``sweep`` is not one of its sweeps, or no trial
+            completed with epoch rows.
+    """
+    return _load(str(root), sweep)[0]
+
+
+def _facets(rows: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per combination of the group columns that vary (but ``exclude``), in sorted order."""
+    varying = [
+        c
+        for c in results.GROUP_COLUMNS
+        if c != "task" and c not in exclude and rows[c].nunique(dropna=False) > 1
+    ]
     keys = ["task", *varying]
     facets = []
     for key, part in rows.groupby(keys, dropna=False, sort=True):
@@ -139,17 +182,21 @@ def _plot_mean_band(axes: Axes, part: pd.DataFrame, x: str, y: str, colors: dict
             continue
         at = by_epoch[x].mean()
         values = by_epoch[y].agg(["mean", "min", "max"])
-        axes.plot(at, values["mean"], color=colors[ordering], label=ordering, linewidth=1.8)
+        axes.plot(at, values["mean"], color=colors[ordering], label=legend_label(ordering), linewidth=1.8)
         axes.fill_between(at, values["min"], values["max"], color=colors[ordering], alpha=0.18, linewidth=0)
         drawn = True
     return drawn
 
 
-def _legend(figure: Figure, colors: dict[str, Any], orderings: list[str], title: str) -> None:
+def _legend(
+    figure: Figure, colors: dict[str, Any], orderings: list[str], title: str, marker: str | None = None
+) -> None:
+    """One legend above the panels: a line (with ``marker``) per ordering, named by ``legend_label``."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[o], linewidth=2) for o in orderings]
-    figure.legend(handles, orderings, loc="outside upper center", ncols=min(len(orderings), 7), title=title)
+    handles = [Line2D([], [], color=colors[o], linewidth=2, marker=marker) for o in orderings]
+    labels = [legend_label(o) for o in orderings]
+    figure.legend(handles, labels, loc="outside upper center", ncols=min(len(orderings), 5), title=title)
 
 
 def _curves_figure(rows: pd.DataFrame, x: str, x_label: str, colors: dict[str, Any]) -> Figure:
@@ -203,14 +250,113 @@ def _time_figure(rows: pd.DataFrame, order: list[str]) -> Figure:
         parts = means[[c for c, _, _ in TIME_PARTS[:3]]].fillna(0.0)
         means["other"] = (means["epoch_seconds"] - parts.sum(axis=1)).clip(lower=0.0).fillna(0.0)
         bottom = np.zeros(len(means))
+        names = [legend_label(o) for o in means.index]
         for column, label, color in TIME_PARTS:
             values = means[column].fillna(0.0).to_numpy()
-            panel.bar(means.index, values, bottom=bottom, color=color, label=label, width=0.6)
+            panel.bar(names, values, bottom=bottom, color=color, label=label, width=0.6)
             bottom += values
         panel.set(title=f"{title}: seconds per epoch (mean over epochs and seeds)", ylabel="seconds")
         panel.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside upper center", ncols=len(TIME_PARTS))
+    return figure
+
+
+def swept_axis(rows: pd.DataFrame) -> str | None:
+    """The numeric axis the trials of ``rows`` sweep: the first SWEPT_AXES column with 2+ values.
+
+    Args:
+        rows: trial or epoch rows with the SWEPT_AXES columns, e.g. ``completed_epochs(root)``.
+
+    Returns:
+        The column name (num_workers before batch_size, lr, microbatch_size), or None when each
+        column has at most one value (nulls aside).
+    """
+    return next((c for c in SWEPT_AXES if rows[c].nunique(dropna=True) > 1), None)
+
+
+def _covarying(rows: pd.DataFrame, axis: str) -> tuple[str, ...]:
+    """Group columns that vary but are a function of ``axis`` (e.g. lr scaled with batch_size).
+
+    Faceting by them would leave one axis value per row of panels, so they follow the axis instead.
+    """
+    with_axis = rows.dropna(subset=[axis])
+    return tuple(
+        c
+        for c in results.GROUP_COLUMNS
+        if c != axis
+        and with_axis[c].nunique(dropna=False) > 1
+        and (with_axis.groupby(axis)[c].nunique(dropna=False) == 1).all()
+    )
+
+
+def final_by_axis(rows: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Per facet, ordering and ``axis`` value: the mean, min and max over seeds of final values.
+
+    A trial's final value of a FINAL_METRICS column is the one in its last epoch row (largest
+    ``epoch``); trials whose final value or ``axis`` is null count for nothing. Facets are the
+    combinations of the varying group columns other than ``axis`` and the columns that are a
+    function of it (those vary along the axis instead).
+
+    Args:
+        rows: epoch rows with the trials' columns, e.g. ``completed_epochs(root, sweep)``.
+        axis: a numeric trials column, e.g. ``swept_axis(rows)``.
+
+    Returns:
+        Columns facet (the row title, e.g. "digits-logreg, batch_size=16"), ordering, ``axis``,
+        metric (a FINAL_METRICS key), mean, min, max, num_seeds (trials with a value); one row per
+        combination with values, sorted by facet order, ordering, ``axis``, metric.
+    """
+    finals = rows.loc[rows.groupby(["sweep", "trial_id"])["epoch"].idxmax()]
+    frames = []
+    for index, (title, part) in enumerate(_facets(finals, exclude=(axis, *_covarying(finals, axis)))):
+        values = part.melt(id_vars=["ordering", axis], value_vars=list(FINAL_METRICS), var_name="metric")
+        values = values.astype({"value": float}).dropna(subset=[axis, "value"])
+        stats = values.groupby(["ordering", axis, "metric"])["value"].agg(["mean", "min", "max", "count"])
+        frames.append(stats.reset_index().assign(facet=title, facet_index=index))
+    columns = ["facet", "ordering", axis, "metric", "mean", "min", "max", "num_seeds"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    out = pd.concat(frames, ignore_index=True).rename(columns={"count": "num_seeds"})
+    return out.sort_values(["facet_index", "ordering", axis, "metric"], kind="stable")[columns].reset_index(
+        drop=True
+    )
+
+
+def _final_figure(rows: pd.DataFrame, axis: str, colors: dict[str, Any]) -> Figure:
+    """Final train loss (and final herding bound, when measured) against ``axis``, one row per facet."""
+    from matplotlib.ticker import NullLocator
+
+    values = final_by_axis(rows, axis)
+    metrics = [m for m in FINAL_METRICS if (values["metric"] == m).any()]
+    facets = list(dict.fromkeys(values["facet"]))
+    figure, axes = _new_figure(len(facets), len(metrics))
+    covarying = _covarying(rows, axis)
+    x_label = axis + (f" ({', '.join(covarying)} varies with it)" if covarying else "")
+    for facet, row_axes in zip(facets, axes, strict=True):
+        part = values[values["facet"] == facet]
+        at = sorted(part[axis].unique())  # a missing point leaves a gap in its ordering's line
+        for metric, panel in zip(metrics, row_axes, strict=True):
+            drawn = False
+            for ordering in colors:
+                line = part[(part["ordering"] == ordering) & (part["metric"] == metric)]
+                if line.empty:
+                    continue
+                line = line.set_index(axis).reindex(at)
+                color = colors[ordering]
+                panel.plot(at, line["mean"], color=color, marker="o", linewidth=1.8, markersize=5)
+                panel.fill_between(at, line["min"], line["max"], color=color, alpha=0.18, linewidth=0)
+                drawn = True
+            if not drawn:
+                panel.text(0.5, 0.5, f"no {FINAL_METRICS[metric]}", ha="center", transform=panel.transAxes)
+            panel.set_xscale("log", base=SWEPT_AXES[axis])
+            panel.set_xticks(at, labels=[format(v, "g") for v in at])  # the swept values, not 2^k
+            panel.xaxis.set_minor_locator(NullLocator())
+            panel.set(title=f"{facet}: {FINAL_METRICS[metric]}", xlabel=x_label, ylabel=FINAL_METRICS[metric])
+            panel.grid(alpha=0.3)
+    present = set(values["ordering"])
+    title = f"final epoch; marker: mean over seeds; {BAND}"
+    _legend(figure, colors, [o for o in colors if o in present], title, marker="o")
     return figure
 
 
@@ -307,15 +453,19 @@ def report(
 
     rows["epoch_count"] = rows["epoch"] + 1  # epoch index e is the state after e + 1 epochs
     colors = _colors(orderings, baseline)
+    axis = swept_axis(rows)
+    final_name = f"final_vs_{axis}"
     figures: dict[str, Figure | None] = {
         "loss_vs_epoch": _curves_figure(rows, "epoch_count", "epoch", colors),
         "loss_vs_seconds": _curves_figure(rows, "cumulative_seconds", "cumulative epoch seconds", colors),
         "herding": _herding_figure(rows, colors) if rows["herding"].notna().any() else None,
+        final_name: _final_figure(rows, axis, colors) if axis is not None else None,
         "time_breakdown": _time_figure(rows, list(colors)),
     }
     images = {name: _png(fig, out_dir / f"{name}.png") for name, fig in figures.items() if fig is not None}
-    if "herding" not in images:
-        (out_dir / "herding.png").unlink(missing_ok=True)  # a stale figure from an earlier report
+    for stale in ["herding", *(f"final_vs_{a}" for a in SWEPT_AXES)]:  # figures of an earlier report
+        if stale not in images:
+            (out_dir / f"{stale}.png").unlink(missing_ok=True)
 
     sweeps = sorted(rows["sweep"].unique())
     title = f"orderlab report: {', '.join(sweeps)}"
@@ -331,10 +481,17 @@ def report(
         else '<p class="note">Skipped: <code>epochs.herding</code> has no values for these trials '
         "(the parallel herding bound is stored only when the sweep measures it).</p>"
     )
+    final = (
+        _img(images[final_name], f"final train loss by {axis}")
+        if final_name in images
+        else '<p class="note">Skipped: the completed trials have one value each of '
+        f"{', '.join(SWEPT_AXES)}; there is no swept numeric axis to plot against.</p>"
+    )
     sections = [
         ("Train loss and validation metric by epoch", _img(images["loss_vs_epoch"], "loss by epoch")),
         ("By wall-clock (cumulative epoch seconds)", _img(images["loss_vs_seconds"], "loss by seconds")),
         ("Parallel herding bound", herding),
+        (f"Final values by {axis or 'swept axis'}", final),
         ("Time per epoch", _img(images["time_breakdown"], "seconds per epoch by part")),
     ]
     path = out_dir / "report.html"

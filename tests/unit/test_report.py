@@ -16,10 +16,20 @@ import pytest
 from orderlab import results
 from orderlab.cli import main
 from orderlab.errors import OrderlabError
-from orderlab.report import report
+from orderlab.report import (
+    LEGEND_LABELS,
+    _final_figure,
+    _time_figure,
+    completed_epochs,
+    final_by_axis,
+    legend_label,
+    report,
+    swept_axis,
+)
 
 CHROMIUM = "/usr/bin/chromium"
-FIGURES = ("loss_vs_epoch", "loss_vs_seconds", "herding", "time_breakdown")
+FIGURES = ("loss_vs_epoch", "loss_vs_seconds", "herding", "final_vs_batch_size", "time_breakdown")
+WORKER_ORDERINGS = ("rr", "so", "grab", "pair-balance", "cd-grab")
 
 
 def write_results(root: str, *, herding: bool = True) -> None:
@@ -68,6 +78,47 @@ def write_results(root: str, *, herding: bool = True) -> None:
         root,
         {"trial_id": "rr-diverged", "sweep": "s", "ordering": "rr", "batch_size": 16, "status": "diverged"},
     )
+
+
+def write_worker_sweep(
+    root: str, *, num_workers: tuple[int, ...] = (4, 8, 16), lr_scaled: bool = False, sweep: str = "w"
+) -> None:
+    """num_workers x the five orderings x seeds 0, 1 x 3 epochs, batch 64; plus a diverged and an
+    error trial with epoch rows (not plotted). ``lr_scaled``: a batch-size sweep (16, 64) at 4
+    workers instead, with lr proportional to batch_size."""
+    rng = np.random.default_rng(1)
+    points = [(4, b, 0.1 * b / 16) for b in (16, 64)] if lr_scaled else [(w, 64, 0.1) for w in num_workers]
+    trials = [
+        (f"{o}-w{w}-b{b}-s{seed}", o, w, b, lr, seed, "completed")
+        for w, b, lr in points
+        for o in WORKER_ORDERINGS
+        for seed in (0, 1)
+    ]
+    trials += [
+        ("rr-bad", "rr", points[-1][0], 64, 0.1, 2, "diverged"),
+        ("so-bad", "so", 4, 64, 0.1, 3, "error"),
+    ]
+    for trial_id, ordering, workers, batch_size, lr, seed, status in trials:
+        trial = {"trial_id": trial_id, "sweep": sweep, "task": "digits-logreg", "ordering": ordering}
+        trial |= {"num_workers": workers, "batch_size": batch_size, "microbatch_size": batch_size // workers}
+        trial |= {"lr": lr, "seed": seed, "epochs": 3, "status": status}
+        results.write_trial(root, trial)
+        for epoch in range(3):
+            loss = 1e6 if status != "completed" else 1.0 / (epoch + 1) + 0.01 * workers + 0.1 * rng.random()
+            results.write_epoch(
+                root,
+                {
+                    "trial_id": trial_id,
+                    "sweep": sweep,
+                    "epoch": epoch,
+                    "train_loss": loss,
+                    "epoch_seconds": 0.5,
+                    # rr measures no herding; so's final epoch has none (it counts for nothing then)
+                    "herding": None
+                    if ordering == "rr" or (ordering == "so" and epoch == 2)
+                    else workers * (3 - epoch) + rng.random(),
+                },
+            )
 
 
 class _Page(HTMLParser):
@@ -143,7 +194,114 @@ def test_herding_figure_is_skipped_without_values(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "herding.png").exists()
     text = path.read_text()
     assert "Skipped: <code>epochs.herding</code> has no values" in text
-    assert len(parse(text).images) == 3
+    assert len(parse(text).images) == 4
+    assert set(final_by_axis(completed_epochs(tmp_path), "batch_size")["metric"]) == {"train_loss"}
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(results root, report.html) of a num_workers sweep."""
+    root = tmp_path_factory.mktemp("workers")
+    write_worker_sweep(str(root))
+    return root, report(root, out=root / "out")
+
+
+def test_num_workers_sweep_gets_final_vs_num_workers(workers: tuple[Path, Path]) -> None:
+    root, path = workers
+    figure = root / "out" / "final_vs_num_workers.png"
+    assert_sane_png(figure)
+    # microbatch_size varies too (batch_size // num_workers), but num_workers comes first.
+    assert sorted(p.name for p in (root / "out").glob("final_vs_*.png")) == ["final_vs_num_workers.png"]
+    text = path.read_text()
+    embedded = [base64.b64decode(src.removeprefix("data:image/png;base64,")) for src in parse(text).images]
+    assert len(embedded) == 5 and figure.read_bytes() in embedded
+    assert "<h2>Final values by num_workers</h2>" in text
+
+
+def test_final_by_axis_matches_pandas(workers: tuple[Path, Path]) -> None:
+    root, _ = workers
+    rows = completed_epochs(root)
+    assert swept_axis(rows) == "num_workers"
+    got = final_by_axis(rows, "num_workers")
+    # Independently: each completed trial's row with the largest epoch, then stats over seeds.
+    trials = results.trials(str(root), status="completed")
+    last = results.epochs(str(root)).sort_values("epoch").drop_duplicates("trial_id", keep="last")
+    finals = last.merge(trials[["trial_id", "ordering", "num_workers"]], on="trial_id")
+    assert len(finals) == 5 * 3 * 2
+    for metric in ("train_loss", "herding"):
+        expected = (
+            finals.dropna(subset=[metric])
+            .groupby(["ordering", "num_workers"])[metric]
+            .agg(["mean", "min", "max", "count"])
+            .reset_index()
+        )
+        mine = got[got["metric"] == metric].rename(columns={"num_seeds": "count"})
+        merged = expected.merge(mine, on=["ordering", "num_workers"], how="outer", suffixes=("", "_got"))
+        assert len(merged) == len(expected) == len(mine), metric
+        for column in ("mean", "min", "max", "count"):
+            np.testing.assert_allclose(merged[f"{column}_got"], merged[column], rtol=1e-12, err_msg=column)
+    assert set(got["facet"]) == {"digits-logreg"}
+    assert (got["num_seeds"] == 2).all()
+    herding = got[got["metric"] == "herding"]
+    assert set(herding["ordering"]) == {"grab", "pair-balance", "cd-grab"}  # rr: none; so: none at the end
+    assert sorted(got["num_workers"].unique()) == [4, 8, 16]
+    # The diverged and error trials' 1e6 losses are not plotted.
+    assert got.loc[got["metric"] == "train_loss", "max"].max() < 10
+
+
+def test_final_figure_legend_axis_and_labels(workers: tuple[Path, Path]) -> None:
+    rows = completed_epochs(workers[0])
+    colors = dict.fromkeys(["rr", "cd-grab", "grab", "pair-balance", "so"], "black")
+    figure = _final_figure(rows, "num_workers", colors)
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "rr (D-RR)",
+        "cd-grab (CD-GraB)",
+        "grab (ID-GraB, Bal)",
+        "pair-balance (ID-GraB)",
+        "so",
+    ]
+    loss_panel, herding_panel = figure.axes
+    assert loss_panel.get_title() == "digits-logreg: final train loss"
+    assert herding_panel.get_title() == "digits-logreg: final parallel herding bound"
+    for panel in (loss_panel, herding_panel):
+        assert panel.get_xscale() == "log" and panel.get_xlabel() == "num_workers"
+        assert [t.get_text() for t in panel.get_xticklabels()] == ["4", "8", "16"]
+        assert panel.xaxis.get_minorticklocs().size == 0
+    time_panel = _time_figure(rows, list(colors)).axes[0]
+    assert [t.get_text() for t in time_panel.get_xticklabels()] == [legend_label(o) for o in colors]
+
+
+def test_legend_labels() -> None:
+    assert legend_label("rr") == "rr (D-RR)" and legend_label("pair-balance") == "pair-balance (ID-GraB)"
+    assert legend_label("grab") == "grab (ID-GraB, Bal)" and legend_label("cd-grab") == "cd-grab (CD-GraB)"
+    assert legend_label("so") == "so" and set(LEGEND_LABELS) == {"rr", "pair-balance", "grab", "cd-grab"}
+
+
+def test_no_swept_axis_no_final_figure(tmp_path: Path) -> None:
+    write_worker_sweep(str(tmp_path), num_workers=(8,))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "final_vs_num_workers.png").write_bytes(b"stale")
+    rows = completed_epochs(tmp_path)
+    assert swept_axis(rows) is None
+    path = report(tmp_path, out=tmp_path / "out")
+    assert not list((tmp_path / "out").glob("final_vs_*.png"))
+    text = path.read_text()
+    assert "Skipped: the completed trials have one value each of num_workers" in text
+    assert len(parse(text).images) == 4
+
+
+def test_lr_scaled_with_batch_size_follows_the_axis(tmp_path: Path) -> None:
+    write_worker_sweep(str(tmp_path), lr_scaled=True)
+    rows = completed_epochs(tmp_path)
+    assert swept_axis(rows) == "batch_size"
+    got = final_by_axis(rows, "batch_size")
+    assert set(got["facet"]) == {"digits-logreg"}  # not one row of panels per lr
+    assert sorted(got["batch_size"].unique()) == [16, 64]
+    figure = _final_figure(rows, "batch_size", dict.fromkeys(WORKER_ORDERINGS, "black"))
+    assert figure.axes[0].get_xlabel() == "batch_size (lr varies with it)"
+    report(tmp_path, out=tmp_path / "out")
+    assert (tmp_path / "out" / "final_vs_batch_size.png").is_file()
 
 
 def test_matplotlib_stays_out_of_imports_and_backend_unchanged(made: tuple[Path, Path]) -> None:
