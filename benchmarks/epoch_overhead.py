@@ -49,10 +49,11 @@ import orderlab
 from orderlab import results
 from orderlab.config import validate
 from orderlab.grads import CountSketch, microbatch_gradient, num_parameters, per_example_gradients
+from orderlab.loop import build_model, make_optimizer
 from orderlab.server import RemoteOrderServer
 from orderlab.sweep import RAY_ENV
 from orderlab.tasks import TASKS, make_task, resolve_data_dir
-from orderlab.worker import ServerMessenger, build_model, make_optimizer
+from orderlab.worker import ServerMessenger
 
 #: per task: the train settings of its reference config (configs/demo.yaml, configs/paper/*), 4 workers
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
@@ -99,7 +100,7 @@ def worker_can_run(task: str) -> str | None:
     """
     if task != "wikitext2-lstm":
         return None
-    source = inspect.getsource(orderlab.worker)
+    source = inspect.getsource(orderlab.loop)
     if ".arrange(" in source and "evaluate_sums" in source:
         return None
     return "the worker does not call Task.arrange / Task.evaluate_sums yet (its evaluation would need ~19 GB)"

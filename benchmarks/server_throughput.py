@@ -42,7 +42,8 @@ import torch
 from _common import fmt, machine_line, markdown_table, median, parse_sizes, plain_balance, timed
 
 from orderlab.channel import BELL_SUFFIX, WIRE_DTYPES, MessageRing, default_ring_directory
-from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer, encode_payload
+from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer
+from orderlab.wire import encode_payload
 
 #: the fastest cd-grab step (seconds) that benchmarks/epoch_overhead.py measured with example units and
 #: microbatch 16 (8 pairs per worker step), 4 workers on the README's 2-core machine: mnist1d-logreg

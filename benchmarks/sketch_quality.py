@@ -26,9 +26,9 @@ from _common import fmt, machine_line, markdown_table, median, parse_sizes
 
 from orderlab.grads import CountSketch, num_parameters, per_example_gradients
 from orderlab.herding import parallel_herding_bound
+from orderlab.loop import build_model
 from orderlab.orderings import make_ordering
 from orderlab.tasks import TASKS, make_task, resolve_data_dir
-from orderlab.worker import build_model
 
 
 def final_orders(

@@ -137,6 +137,15 @@ def reset_model_state(model: nn.Module) -> None:
             reset()
 
 
+def stateful_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that carry state between forward calls: those with ``reset_state()``.
+
+    Such a module keeps its state in a ``state`` attribute (None after ``reset_state``), which the
+    simulated backend sets and reads to run several workers' streams through one model.
+    """
+    return [module for module in model.modules() if callable(getattr(module, "reset_state", None))]
+
+
 TASKS: dict[str, type] = {}
 
 
@@ -290,6 +299,7 @@ __all__ = [
     "make_task",
     "register_task",
     "reset_model_state",
+    "stateful_modules",
     "load_task_data",
     "resolve_data_dir",
     "verified_file",

@@ -170,10 +170,15 @@ class WikiText2Lstm(TaskDefaults):
         reset_hidden_each_chunk: bool = False,
         eval_columns: int = 10,
         train_tokens: int | None = None,
+        eval_tokens: int | None = None,
     ) -> None:
         if train_tokens is not None and train_tokens < 2 * bptt:
             raise OrderlabError(
                 f"task.options.train_tokens={train_tokens} must be at least 2 × bptt = {2 * bptt}"
+            )
+        if eval_tokens is not None and eval_tokens < 2 * eval_columns:
+            raise OrderlabError(
+                f"task.options.eval_tokens={eval_tokens} must be at least 2 × eval_columns = {2 * eval_columns}"
             )
         if min(bptt, embedding_size, hidden_size, num_layers, eval_columns) < 1 or not 0 <= dropout < 1:
             raise OrderlabError(
@@ -184,6 +189,9 @@ class WikiText2Lstm(TaskDefaults):
         self.num_layers, self.dropout, self.eval_columns = num_layers, dropout, eval_columns
         self.reset_hidden_each_chunk = reset_hidden_each_chunk
         self.train_tokens = train_tokens  # a documented subset: the first train_tokens tokens of train.txt
+        # likewise the first eval_tokens of valid.txt and of test.txt (smoke runs: the full
+        # validation pass costs about 15 s on one core)
+        self.eval_tokens = eval_tokens
 
     def load(self, data_dir: Path) -> TaskData:
         """The corpus, with the training examples laid out for one worker and one column.
@@ -194,7 +202,7 @@ class WikiText2Lstm(TaskDefaults):
         corpus = load_corpus(data_dir)
         if corpus.vocab_size != VOCAB_SIZE:  # the files are checksummed: this would be a tokenizer bug
             raise OrderlabError(f"WikiText-2 vocabulary has {corpus.vocab_size} words, expected {VOCAB_SIZE}")
-        val_columns = batchify(corpus.valid, self.eval_columns)
+        val_columns = batchify(corpus.valid[: self.eval_tokens], self.eval_columns)
         empty = torch.empty(0, self.bptt, dtype=torch.int64)
         train = corpus.train if self.train_tokens is None else corpus.train[: self.train_tokens]
         data = TaskData(empty, empty, val_columns[:, :-1], val_columns[:, 1:], {TRAIN_TOKENS: train})
@@ -284,12 +292,14 @@ class WikiText2Lstm(TaskDefaults):
 
     @torch.no_grad()
     def test_metrics(self, model: nn.Module, data_dir: Path) -> dict[str, float]:
-        """Test perplexity: ``test.txt`` as ``eval_columns`` streams, read like the validation set.
+        """Test perplexity: ``test.txt`` (its first ``eval_tokens``) as ``eval_columns`` streams, read
+        like the validation set.
 
         Returns:
             ``perplexity``, ``loss`` (mean token cross-entropy) and ``num_tokens``.
         """
-        columns = batchify(load_corpus(data_dir).test, self.eval_columns).to(next(model.parameters()).device)
+        test = load_corpus(data_dir).test[: self.eval_tokens]
+        columns = batchify(test, self.eval_columns).to(next(model.parameters()).device)
         sums = self.evaluate_sums(model, columns[:, :-1], columns[:, 1:])
         mean = sums.loss_sum / sums.count
         return {"perplexity": math.exp(mean), "loss": mean, "num_tokens": sums.count}

@@ -145,6 +145,9 @@ class TrainConfig(BaseModel):
     lr_base_batch_size: Int | None = Field(None, ge=1)
     grad_clip: Float | None = Field(None, gt=0)  # max L2 norm of the averaged gradient (clip_grad_norm_)
     max_failures: Int = Field(0, ge=0)
+    # ray-train: one Ray Train worker process per worker, an order-server actor per trial;
+    # simulated: all num_workers workers' steps in the trial's own process, the ordering called in it
+    backend: Literal["ray-train", "simulated"] = "ray-train"
 
     @property
     def microbatch_size(self) -> int:
@@ -240,7 +243,9 @@ class ResourcesConfig(BaseModel):
     model_config = _MODEL_CONFIG
     cpus_per_worker: Float = Field(0.45, gt=0)
     gpus_per_worker: Float = Field(0.0, ge=0)
-    trial_cpus: Float = Field(0.1, gt=0)
+    # CPUs a Tune trial reserves besides its workers (None: 0.1 for ray-train's trial driver,
+    # num_threads for the simulated backend, whose trial process does all the training)
+    trial_cpus: Float | None = Field(None, gt=0)
     max_concurrent_trials: Int | None = Field(None, ge=1)  # None: computed from the cluster
     num_threads: Int = Field(1, ge=1)  # torch threads per worker
     # Ray placement of a trial's workers: PACK fills a node first, SPREAD spreads them over nodes
@@ -319,12 +324,59 @@ class ExperimentConfig(BaseModel):
         valid = sweep_axes()
         for axis, values in sweep.items():
             if not _is_sweep_axis(axis):
-                axes = ", ".join([*valid, _OPTIONS_PREFIX + "<key>"])
+                axes = ", ".join([*valid, _OPTIONS_PREFIX + "<key>", "a section (train, ordering, ...) of mappings"])
                 reason = f"unknown sweep axis{_suggest(axis, valid)}; valid axes: {axes}"
                 raise _field_error(axis, values, reason)
             if not values:
                 raise _field_error(axis, values, "needs at least one value")
+            if _is_section_axis(axis) and not all(isinstance(value, Mapping) for value in values):
+                reason = f"a section as an axis takes mappings of its keys, e.g. [{{{next(iter(_model_at(axis.split('.')).model_fields))}: ...}}]"
+                raise _field_error(axis, values, reason)
         return sweep
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> Self:
+        if self.train.backend != "simulated":
+            return self
+        ordering, defaults = self.ordering, OrderingConfig()
+        for key in ("transport", "ring_directory", "message_steps", "max_in_flight"):
+            value = getattr(ordering, key)
+            if value != getattr(defaults, key):
+                raise _field_error(
+                    f"ordering.{key}",
+                    value,
+                    "configures messages to an order server, which train.backend='simulated' does not "
+                    "have (the ordering runs in the trial's process); remove it or use train.backend='ray-train'",
+                )
+        if self.resources.gpus_per_worker > 0:
+            raise _field_error(
+                "resources.gpus_per_worker",
+                self.resources.gpus_per_worker,
+                "train.backend='simulated' trains on the trial process's CPUs; set it to 0 or use "
+                "train.backend='ray-train'",
+            )
+        if self.faults.kill_order_server is not None:
+            raise _field_error(
+                "faults.kill_order_server",
+                self.faults.kill_order_server.model_dump(),
+                "train.backend='simulated' has no order server to kill; use faults.exit_worker",
+            )
+        return self
+
+    @property
+    def trial_cpus(self) -> float:
+        """CPUs a Tune trial reserves besides its Ray Train workers (``resources.trial_cpus``, or its
+        backend's default: 0.1 for ray-train's driver, ``num_threads`` for a simulated trial)."""
+        if self.resources.trial_cpus is not None:
+            return self.resources.trial_cpus
+        return float(self.resources.num_threads) if self.train.backend == "simulated" else 0.1
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs of a trial's Ray Train workers together: none for the simulated backend."""
+        if self.train.backend == "simulated":
+            return 0.0
+        return self.train.num_workers * self.resources.cpus_per_worker
 
     def with_overrides(self, overrides: Overrides) -> ExperimentConfig:
         """A copy with dotted ``overrides`` applied and re-validated.
@@ -366,7 +418,18 @@ def sweep_axes() -> list[str]:
 
 
 def _is_sweep_axis(key: str) -> bool:
-    return key in sweep_axes() or (key.startswith(_OPTIONS_PREFIX) and key != _OPTIONS_PREFIX)
+    return (
+        key in sweep_axes()
+        or _is_section_axis(key)
+        or (key.startswith(_OPTIONS_PREFIX) and key != _OPTIONS_PREFIX)
+    )
+
+
+def _is_section_axis(key: str) -> bool:
+    """A section (``train``, ``ordering``, ...) as an axis: each value, a mapping, sets several keys
+    of the section together (``train: [{num_workers: 4, batch_size: 4}, {num_workers: 8, batch_size: 8}]``)."""
+    sections = _model_at(key.split(".")) not in (None, ExperimentConfig)
+    return sections and key not in sweep_axes()  # train.lr_schedule also takes its shorthand
 
 
 def _model_at(parts: Sequence[Any]) -> type[BaseModel] | None:

@@ -52,9 +52,9 @@ def check_vmappable(model: nn.Module) -> None:
 
 
 def per_example_gradients(
-    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, groups: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example flat gradients of ``loss_fn(model(x[None]), y[None])`` and the mean loss.
+    """Per-example flat gradients of ``loss_fn(model(x[None]), y[None])`` and each group's mean loss.
 
     Models whose trainable parameters all belong to ``nn.Linear`` layers take a fast path: one
     forward and one ``autograd.grad`` to the layers' outputs, then each example's weight gradient is
@@ -67,12 +67,15 @@ def per_example_gradients(
         model: the network (call ``check_vmappable`` once before).
         loss_fn: mean-reduced loss of (outputs, targets).
         inputs: [k, ...] microbatch inputs. targets: [k, ...] their targets.
+        groups: the rows are this many equal consecutive groups (the microbatches of several
+            simulated workers), each with its own mean loss; the fast path scales each example's
+            output gradient as a call on its group alone would.
 
     Returns:
-        (grads [k, d] float32 in ``model.parameters()`` order, the mean loss [] float32).
+        (grads [k, d] float32 in ``model.parameters()`` order, each group's mean loss [groups] float32).
     """
     if _linear_only(model):
-        return _linear_per_example_gradients(model, loss_fn, inputs, targets)
+        return _linear_per_example_gradients(model, loss_fn, inputs, targets, groups)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
@@ -83,7 +86,21 @@ def per_example_gradients(
 
     grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
     flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
-    return flat.to(torch.float32), losses.detach().mean().to(torch.float32)
+    return flat.to(torch.float32), losses.detach().view(groups, -1).mean(dim=1).to(torch.float32)
+
+
+def group_loss(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum over ``groups`` equal consecutive groups of rows of each group's mean loss, and those
+    means [groups]: the loss whose gradient is the sum of the groups' mean gradients."""
+    if groups == 1:
+        loss = loss_fn(outputs, targets)
+        return loss, loss.detach().view(1)
+    losses = torch.stack(
+        [loss_fn(out, tgt) for out, tgt in zip(outputs.chunk(groups), targets.chunk(groups), strict=True)]
+    )
+    return losses.sum(), losses.detach()
 
 
 def _linear_only(model: nn.Module) -> bool:
@@ -93,7 +110,7 @@ def _linear_only(model: nn.Module) -> bool:
 
 
 def _linear_per_example_gradients(
-    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     calls: list[
@@ -105,11 +122,12 @@ def _linear_per_example_gradients(
 
     hooks = [layer.register_forward_hook(keep) for layer in layers]
     try:
-        loss = loss_fn(model(inputs), targets)
+        loss, losses = group_loss(loss_fn, model(inputs), targets, groups)
     finally:
         for hook in hooks:
             hook.remove()
     k = inputs.shape[0]
+    group_size = k // groups
     grad_outputs = torch.autograd.grad(loss, [output for _, _, output in calls])
     # each example's gradient goes straight into its row of ``flat``: no zero fill, no concatenation
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,7 +138,8 @@ def _linear_per_example_gradients(
     written: set[int] = set()  # the parameters whose columns hold a first call's gradient
     for (layer, activation, _), grad_output in zip(calls, grad_outputs, strict=True):
         activation = activation.reshape(k, -1, layer.in_features)
-        grad_output = grad_output.reshape(k, -1, layer.out_features) * k  # the loss is a mean over k examples
+        # each group's loss is a mean over its examples
+        grad_output = grad_output.reshape(k, -1, layer.out_features) * group_size
         if layer.weight.requires_grad:
             target = columns[id(layer.weight)].view(k, layer.out_features, layer.in_features)
             first = id(layer.weight) not in written
@@ -139,22 +158,26 @@ def _linear_per_example_gradients(
     for p in params:
         if id(p) not in written:  # a layer the forward pass did not call
             columns[id(p)].zero_()
-    return flat, loss.detach().to(torch.float32)
+    return flat, losses.to(torch.float32)
 
 
 def microbatch_gradient(
-    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, groups: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat gradient of the mean loss over a microbatch, by one ``backward``.
 
+    Args:
+        groups: the rows are this many equal consecutive microbatches (of several simulated
+            workers): the gradient is then the sum of their mean-loss gradients.
+
     Returns:
-        (grad [d] float32, loss [] float32).
+        (grad [d] float32, each group's mean loss [groups] float32).
     """
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(model(inputs), targets)
+    loss, losses = group_loss(loss_fn, model(inputs), targets, groups)
     loss.backward()
     flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-    return flat.to(torch.float32), loss.detach().to(torch.float32)
+    return flat.to(torch.float32), losses.to(torch.float32)
 
 
 def assign_flat_gradient(model: nn.Module, flat: torch.Tensor, max_norm: float | None = None) -> None:

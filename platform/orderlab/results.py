@@ -41,6 +41,7 @@ TRIALS_SCHEMA = pa.schema([
     ("num_workers", _I32), ("batch_size", _I32), ("microbatch_size", _I32),
     ("optimizer", _STR), ("lr", _F64), ("lr_schedule", _STR), ("momentum", _F64), ("weight_decay", _F64),
     ("seed", _I32), ("epochs", _I32), ("shard_size", _I32),
+    ("backend", _STR),  # train.backend: ray-train or simulated
     ("num_dropped", _I64),  # examples dropped from the tail to make equal shards
     ("status", _STR), ("error", _STR),  # status: one of STATUSES; error: the reason for error/diverged
     ("diverged_epoch", _I32),  # the epoch in which a non-finite loss or gradient appeared
@@ -66,11 +67,16 @@ EPOCHS_SCHEMA = pa.schema([
 # fmt: on
 
 TABLES: dict[str, pa.Schema] = {"trials": TRIALS_SCHEMA, "epochs": EPOCHS_SCHEMA}
+#: DuckDB's name of each Arrow type the schemas use (for columns missing from older files)
+_DUCKDB_TYPES = {
+    "string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE",
+    "timestamp[us, tz=UTC]": "TIMESTAMPTZ", "list<item: string>": "VARCHAR[]",
+}  # fmt: skip
 STATUSES = ("running", "completed", "error", "diverged")
 
 # summary(): the columns that define one comparison; orderings are compared within a group.
 GROUP_COLUMNS = (
-    "sweep", "task", "unit", "num_workers", "batch_size", "optimizer",
+    "sweep", "task", "backend", "unit", "num_workers", "batch_size", "optimizer",
     "lr", "lr_schedule", "momentum", "weight_decay",
 )  # fmt: skip
 # summary(): the columns computed in Python (orderlab.stats), in the order they are added.
@@ -227,7 +233,15 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
             con.register(name, schema.empty_table())
         elif isinstance(fs, pafs.LocalFileSystem):
             pattern = f"{directory}/**/*.parquet".replace("'", "''")  # a path, not a user value
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{pattern}', union_by_name=true)")
+            source = f"read_parquet('{pattern}', union_by_name=true)"
+            present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+            # columns added to the schema after these files were written read as null
+            added = [
+                f'CAST(NULL AS {_DUCKDB_TYPES[str(f.type)]}) AS "{f.name}"'
+                for f in schema
+                if f.name not in present
+            ]
+            con.execute(f"CREATE VIEW {name} AS SELECT {', '.join(['*', *added])} FROM {source}")
         else:
             con.register(name, ds.dataset(files, schema=schema, format="parquet", filesystem=fs).to_table())
     return con

@@ -14,7 +14,6 @@ actor. Its methods are ``async`` so that ``begin_epoch`` can wait while messages
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +23,7 @@ import ray
 import torch
 
 from orderlab.channel import WIRE_DTYPES, MessageRing
-from orderlab.orderings import make_ordering
-from orderlab.orderings._balance import set_balance_threads, widen
+from orderlab.orderings import make_ordering, order_digest, set_balance_threads
 
 
 @dataclass(frozen=True)
@@ -65,32 +63,6 @@ class _AttachedRing:
 #: back to the first when a ring's doorbell rings or an order is handed out (``begin_epoch``, a
 #: ring), which also ends the wait at once
 RING_POLL_SECONDS = (1e-4, 1e-2)
-
-PAYLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def to_wire(items: torch.Tensor) -> np.ndarray:
-    """Items [m, d] already in a payload dtype as the numpy array that travels: a view on CPU (numpy
-    arrays travel zero-copy through Ray's object store), bfloat16 as its int16 bits (numpy has no
-    bfloat16)."""
-    items = items.cpu()
-    return (items.view(torch.int16) if items.dtype == torch.bfloat16 else items).numpy()
-
-
-def encode_payload(items: np.ndarray, payload_dtype: str) -> np.ndarray:
-    """float32 items [m, d] in the wire format of ``payload_dtype`` (float32, float16 or bfloat16)."""
-    return to_wire(torch.from_numpy(items).to(PAYLOAD_DTYPES[payload_dtype]))
-
-
-def decode_payload(items: np.ndarray) -> torch.Tensor:
-    """The inverse of ``encode_payload`` (the array's dtype says the format), widened to a float32
-    tensor [..., d] (no copy for float32)."""
-    return torch.from_numpy(widen(items))
-
-
-def order_digest(orders: np.ndarray) -> str:
-    """sha256 of an epoch's orders (int64 [num_workers, shard_size]): equal digests, equal orders."""
-    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64)).hexdigest()
 
 
 class OrderServer:

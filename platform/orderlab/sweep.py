@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -34,11 +35,13 @@ from orderlab import results
 from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate, validate_grid
 from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
+from orderlab.loop import TrialPlan, build_model, load_checkpoint, plan_trial, save_checkpoint
 from orderlab.orderings import ordering_class
 from orderlab.server import RemoteOrderServer
+from orderlab.simulated import run_simulated_trial
 from orderlab.source import source_commit
 from orderlab.tasks import load_task_data, make_task, resolve_data_dir
-from orderlab.worker import build_model, plan_trial, train_loop
+from orderlab.worker import train_loop
 
 #: environment for every Ray process of a sweep; RAY_TRAIN_* reach the Train controller and workers
 RAY_ENV = {
@@ -155,6 +158,7 @@ def trial_row(cfg: ExperimentConfig, trial_id: str, shard_size: int, num_dropped
         "weight_decay": train.weight_decay,
         "seed": cfg.seed,
         "epochs": train.epochs,
+        "backend": train.backend,
         "shard_size": shard_size,
         "num_dropped": num_dropped,
         "status": "running",
@@ -166,7 +170,8 @@ def trial_row(cfg: ExperimentConfig, trial_id: str, shard_size: int, num_dropped
 def run_trial(
     point: dict[str, Any], *, base: dict[str, Any], facts: dict[str, TaskFacts], info: dict[str, Any]
 ) -> None:
-    """The Tune function trainable: one trial = one order server + one ``TorchTrainer.fit()``.
+    """The Tune function trainable: one trial = one order server + one ``TorchTrainer.fit()``
+    (``train.backend: ray-train``), or all workers in this process (``simulated``).
 
     Args:
         point: this trial's dotted overrides (from the param space).
@@ -186,6 +191,26 @@ def run_trial(
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
     results.write_trial(root, row)
     started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        if cfg.train.backend == "simulated":
+            row.update(simulated_trial(cfg, plan, trial_id, root))
+        else:
+            row.update(ray_train_trial(cfg, plan, trial_id, root, row))
+    except Exception as failure:  # recorded in the trials table, then re-raised for Tune
+        error = failure
+        row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
+    row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
+    results.write_trial(root, row)
+    if error is not None:
+        raise error
+
+
+def ray_train_trial(
+    cfg: ExperimentConfig, plan: TrialPlan, trial_id: str, root: str, row: dict[str, Any]
+) -> dict[str, Any]:
+    """One trial on Ray Train: the trial's order server and a ``TorchTrainer`` of ``num_workers``
+    workers; returns rank 0's outcome (status, node ids, test metrics) and sets ``row``'s server node."""
     server = RemoteOrderServer.remote(
         cfg.ordering.name,
         num_workers=plan.num_workers,
@@ -225,18 +250,34 @@ def run_trial(
         ),
     )
     row["server_node_id"] = ray.get(server.node_id.remote())
-    error: BaseException | None = None
     try:
-        row.update(trainer.fit().return_value)  # status completed or diverged, node ids
-    except Exception as failure:  # recorded in the trials table, then re-raised for Tune
-        error = failure
-        row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
+        return trainer.fit().return_value  # status completed or diverged, node ids
     finally:
         ray.kill(server)
-    row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
-    results.write_trial(root, row)
-    if error is not None:
-        raise error
+
+
+def simulated_trial(cfg: ExperimentConfig, plan: TrialPlan, trial_id: str, root: str) -> dict[str, Any]:
+    """One trial with all its workers in this Tune trial's process: each epoch's row and checkpoint
+    go to Tune (``tune.report``), and a retried trial resumes from its last checkpoint."""
+    checkpoint = tune.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+
+    def report(row: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
+        if epoch_state is None:
+            tune.report(row)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(epoch_state, directory)
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    outcome = run_simulated_trial(
+        cfg, plan, trial_id=trial_id, results_root=root, checkpoint=state, report=report
+    )
+    node_id = ray.get_runtime_context().get_node_id()
+    return {**outcome, "worker_node_ids": [node_id] * plan.num_workers}
 
 
 def task_key(cfg: ExperimentConfig) -> str:
@@ -305,12 +346,13 @@ def max_concurrent_trials(configs: list[ExperimentConfig]) -> int:
     fits = []
     for cfg in configs:
         res, workers = cfg.resources, cfg.train.num_workers
-        need_cpus = res.trial_cpus + workers * res.cpus_per_worker
+        need_cpus = cfg.trial_cpus + cfg.worker_cpus
         need_gpus = workers * res.gpus_per_worker
         if need_cpus > cpus + 1e-9 or need_gpus > gpus + 1e-9:
             raise OrderlabError(
                 f"a trial with train.num_workers={workers} needs {need_cpus:g} CPUs and {need_gpus:g} GPUs "
-                f"(resources.trial_cpus + num_workers × resources.cpus_per_worker / gpus_per_worker), but the "
+                f"(resources.trial_cpus + num_workers × resources.cpus_per_worker / gpus_per_worker; "
+                f"train.backend={cfg.train.backend!r}), but the "
                 f"cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower train.num_workers or "
                 "resources.cpus_per_worker, or use a larger cluster"
             )
@@ -388,14 +430,15 @@ def sweep(
             {"sweep": {}, "storage": root, "task.data_dir": str(resolve_data_dir(cfg.task.data_dir))}
         )
     )
+    # trial drivers and their order servers go to the head node when the cluster marks it
+    head = {"orderlab_head": 0.001} if "orderlab_head" in ray.cluster_resources() else {}
+    base_cfg = validate(base)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
-        # trial drivers and their order servers go to the head node when the cluster marks it
-        {
-            "CPU": cfg.resources.trial_cpus,
-            **({"orderlab_head": 0.001} if "orderlab_head" in ray.cluster_resources() else {}),
-        },
+        lambda point: {"CPU": base_cfg.with_overrides(point).trial_cpus, **head},
     )
+    # a simulated trial is its own worker group: Tune retries it from its last checkpoint
+    retries = max((p.train.max_failures for p in points if p.train.backend == "simulated"), default=0)
     fs, fs_root = storage_location(cfg.storage)
     tune_path = f"{fs_root}/_tune/{cfg.name}"
     if resume:
@@ -420,6 +463,7 @@ def sweep(
                 storage_filesystem=fs,
                 verbose=2 if verbose else 0,
                 callbacks=None if verbose else [TrialLines()],
+                failure_config=tune.FailureConfig(max_failures=retries),
             ),
         )
     grid = tuner.fit()

@@ -359,8 +359,20 @@ def test_unknown_sweep_axis_lists_valid_leaves() -> None:
     )
     assert "valid axes: name, seed, task.name" in msg and "train.lr_schedule.name" in msg
     assert "task.options.<key>" in msg
-    for axis in ("train", "sweep", "num_samples", "task.options."):
+    for axis in ("sweep", "num_samples", "task.options."):
         assert "unknown sweep axis" in error_of(BASE, {"sweep": {axis: [1]}})
+    assert "a section as an axis takes mappings" in error_of(BASE, {"sweep": {"train": [1]}})
+
+
+def test_a_section_axis_sets_several_keys_of_each_point_together() -> None:
+    """The CD-GraB scaling study's B = W: one axis whose values set num_workers and batch_size."""
+    axis = [{"num_workers": 4, "batch_size": 4}, {"num_workers": 8, "batch_size": 8}]
+    points = validate_grid(validate({**BASE, "sweep": {"train": axis, "seed": [0, 1]}}))
+    assert [(p.train.num_workers, p.train.batch_size, p.seed) for p in points] == [
+        (4, 4, 0), (4, 4, 1), (8, 8, 0), (8, 8, 1)
+    ]
+    with pytest.raises(OrderlabError, match="train.batch_sizee: unknown key"):
+        validate_grid(validate({**BASE, "sweep": {"train": [{"batch_sizee": 4}]}}))
 
 
 # ---------------------------------------------------------------- property test

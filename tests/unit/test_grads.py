@@ -101,7 +101,7 @@ def test_per_example_gradients_equal_single_example_backward(case: str) -> None:
     grads, mean_loss = per_example_gradients(model, loss_fn, inputs, targets)
     d = num_parameters(model)
     assert grads.shape == (len(inputs), d) and grads.dtype == torch.float32
-    assert mean_loss.shape == () and mean_loss.dtype == torch.float32
+    assert mean_loss.shape == (1,) and mean_loss.dtype == torch.float32
     for i in range(len(inputs)):
         grad, _ = microbatch_gradient(model, loss_fn, inputs[i : i + 1], targets[i : i + 1])
         torch.testing.assert_close(grads[i], grad, **TOLERANCE)
@@ -113,7 +113,7 @@ def test_mean_of_per_example_gradients_is_the_microbatch_gradient(case: str) -> 
     grads, mean_loss = per_example_gradients(model, loss_fn, inputs, targets)
     grad, loss = microbatch_gradient(model, loss_fn, inputs, targets)
     assert grad.shape == (num_parameters(model),) and grad.dtype == torch.float32
-    assert loss.shape == () and not loss.requires_grad and not mean_loss.requires_grad
+    assert loss.shape == (1,) and not loss.requires_grad and not mean_loss.requires_grad
     torch.testing.assert_close(grads.mean(dim=0), grad, **TOLERANCE)
     torch.testing.assert_close(mean_loss, loss, **TOLERANCE)
 
@@ -286,5 +286,30 @@ def test_linear_fast_path_equals_vmap_on_sequences_and_frozen_layers() -> None:
     for i in range(len(inputs)):
         grad, _ = microbatch_gradient(model, mse, inputs[i : i + 1], targets[i : i + 1])
         torch.testing.assert_close(grads[i], grad, **TOLERANCE)
-    torch.testing.assert_close(mean_loss, mse(model(inputs), targets).detach(), **TOLERANCE)
+    torch.testing.assert_close(mean_loss, mse(model(inputs), targets).detach().view(1), **TOLERANCE)
     assert not _linear_only(SmallConvNet())  # conv layers take the vmap path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_gradients_are_each_groups_own(case: str, groups: int) -> None:
+    """Several simulated workers' microbatches in one call: the same per-example gradients and each
+    group's own mean loss; the microbatch gradient is the sum of the groups' mean gradients."""
+    model, loss_fn, inputs, targets = CASES[case]()
+    rows = len(inputs) - len(inputs) % groups
+    inputs, targets = inputs[:rows], targets[:rows]
+    grads, losses = per_example_gradients(model, loss_fn, inputs, targets, groups)
+    parts = [
+        per_example_gradients(model, loss_fn, x, y)
+        for x, y in zip(inputs.chunk(groups), targets.chunk(groups), strict=True)
+    ]
+    expected = torch.cat([g for g, _ in parts])
+    torch.testing.assert_close(grads, expected, **TOLERANCE)
+    torch.testing.assert_close(losses, torch.cat([loss for _, loss in parts]), **TOLERANCE)
+    grad, group_losses = microbatch_gradient(model, loss_fn, inputs, targets, groups)
+    sums = [
+        microbatch_gradient(model, loss_fn, x, y)[0]
+        for x, y in zip(inputs.chunk(groups), targets.chunk(groups), strict=True)
+    ]
+    torch.testing.assert_close(grad, torch.stack(sums).sum(dim=0), **TOLERANCE)
+    torch.testing.assert_close(group_losses, losses, **TOLERANCE)

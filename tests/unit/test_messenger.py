@@ -11,7 +11,7 @@ import torch
 from orderlab.errors import OrderlabError
 from orderlab.grads import CountSketch
 from orderlab.orderings._balance import PairStream
-from orderlab.server import decode_payload, encode_payload
+from orderlab.wire import decode_payload, encode_payload
 from orderlab.worker import ServerMessenger
 
 

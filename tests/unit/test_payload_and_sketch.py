@@ -10,7 +10,8 @@ import torch
 
 from orderlab.grads import CountSketch
 from orderlab.orderings import make_ordering
-from orderlab.server import OrderMessage, OrderServer, decode_payload, encode_payload
+from orderlab.server import OrderMessage, OrderServer
+from orderlab.wire import decode_payload, encode_payload
 
 
 @pytest.mark.parametrize(("payload_dtype", "bytes_per_value", "torch_dtype"),

@@ -284,7 +284,7 @@ def test_arrange_lays_chunks_out_by_worker_column_and_chunk_by_hand():
 
 def test_the_worker_shard_sees_chunk_u_of_its_columns_as_unit_u():
     from orderlab.config import TrainConfig
-    from orderlab.worker import Shard, plan_trial
+    from orderlab.loop import Shard, plan_trial
 
     task = make_task("wikitext2-lstm", {"bptt": 3})
     data = TaskData(
@@ -298,8 +298,8 @@ def test_the_worker_shard_sees_chunk_u_of_its_columns_as_unit_u():
     arranged = task.arrange(data, train.num_workers, train.microbatch_size)
     plan = plan_trial(train, len(arranged.train_targets), dim=1, needs_gradients=False, message_kind="none")
     assert (plan.shard_size, plan.unit_size, plan.num_dropped) == (8, 2, 0)
-    shard = Shard(arranged, plan, rank=1, device=torch.device("cpu"))
-    inputs, _ = shard.batch(np.array([2]))  # unit 2 of worker 1: chunk 2 of columns 2 and 3
+    shard = Shard(arranged, plan, range(1, 2), device=torch.device("cpu"))
+    inputs, _ = shard.batch(np.array([[2]]))  # unit 2 of worker 1: chunk 2 of columns 2 and 3
     assert inputs.tolist() == [[56, 57, 58], [81, 82, 83]]
 
 

@@ -1,4 +1,4 @@
-"""The Ray-free parts of orderlab.worker: trial plan, LR schedules, optimizers, model init, shards.
+"""The Ray-free parts of the training loop (orderlab.loop): trial plan, LR schedules, optimizers, model init, shards.
 
 Expected values are computed here from the formulas (not by calling torch's schedulers); no Ray
 cluster is started.
@@ -16,8 +16,8 @@ from torch import nn
 
 from orderlab.config import LRScheduleConfig, TrainConfig
 from orderlab.errors import OrderlabError
+from orderlab.loop import Shard, build_model, make_lr_scheduler, make_optimizer, plan_trial
 from orderlab.tasks import TaskData, make_task
-from orderlab.worker import Shard, build_model, make_lr_scheduler, make_optimizer, plan_trial
 
 CPU = torch.device("cpu")
 
@@ -247,18 +247,18 @@ def test_shard_owns_consecutive_units(unit: str, num_workers: int, batch_size: i
     n, u = plan.shard_size, plan.unit_size
     seen = []
     for rank in range(num_workers):
-        shard = Shard(data, plan, rank, CPU)
+        shard = Shard(data, plan, range(rank, rank + 1), CPU)
         first = rank * n * u
         assert torch.equal(shard.unit_examples, torch.arange(first, first + n * u).view(n, u))
         assert torch.equal(shard.targets, torch.arange(first, first + n * u))
-        assert torch.equal(shard.val_inputs, data.val_inputs[rank::num_workers])
-        assert torch.equal(shard.val_targets, data.val_targets[rank::num_workers])
+        assert torch.equal(shard.val_inputs[0], data.val_inputs[rank::num_workers])
+        assert torch.equal(shard.val_targets[0], data.val_targets[rank::num_workers])
 
         order = np.random.default_rng(rank).permutation(n)
         k = plan.units_per_step
         for step in range(plan.steps_per_epoch):
             units = order[step * k : (step + 1) * k]
-            inputs, targets = shard.batch(units)
+            inputs, targets = shard.batch(units[np.newaxis])
             rows = np.concatenate([np.arange(first + unit * u, first + (unit + 1) * u) for unit in units])
             assert torch.equal(targets, torch.from_numpy(rows))
             assert torch.equal(inputs, data.train_inputs[torch.from_numpy(rows)])
@@ -270,7 +270,31 @@ def test_shard_owns_consecutive_units(unit: str, num_workers: int, batch_size: i
 def test_shard_batch_keeps_the_given_order_and_repeats() -> None:
     data = synthetic_data(20, 4)
     plan = plan_trial(TrainConfig(num_workers=2, batch_size=4, unit="microbatch"), 20, 2, False, "none")
-    shard = Shard(data, plan, 1, CPU)  # units of 2 examples, worker 1 owns examples 10..19
-    inputs, targets = shard.batch(np.array([4, 0, 4], dtype=np.int64))
+    shard = Shard(data, plan, range(1, 2), CPU)  # units of 2 examples, worker 1 owns examples 10..19
+    inputs, targets = shard.batch(np.array([[4, 0, 4]], dtype=np.int64))
     assert targets.tolist() == [18, 19, 10, 11, 18, 19]
     assert inputs[:, 0].tolist() == [18.0, 19.0, 10.0, 11.0, 18.0, 19.0]
+
+
+@pytest.mark.parametrize("unit", ["example", "microbatch"])
+def test_a_shard_of_all_ranks_is_the_ranks_shards_side_by_side(unit: str) -> None:
+    """The simulated backend's one shard of W ranks gives, for W orders, each rank's own rows in rank order."""
+    num_workers, data = 3, synthetic_data(50, 10)
+    plan = plan_trial(TrainConfig(num_workers=num_workers, batch_size=6, unit=unit), 50, 2, False, "none")
+    every = Shard(data, plan, range(num_workers), CPU)
+    singles = [Shard(data, plan, range(rank, rank + 1), CPU) for rank in range(num_workers)]
+    orders = np.stack(
+        [np.random.default_rng(rank).permutation(plan.shard_size) for rank in range(num_workers)]
+    )
+    k = plan.units_per_step
+    for step in range(plan.steps_per_epoch):
+        units = orders[:, step * k : (step + 1) * k]
+        inputs, targets = every.batch(units)
+        expected = [single.batch(units[rank : rank + 1]) for rank, single in enumerate(singles)]
+        assert torch.equal(targets, torch.cat([t for _, t in expected]))
+        assert torch.equal(inputs, torch.cat([i for i, _ in expected]))
+        for rank in range(num_workers):
+            assert torch.equal(every.rank_batch(rank, units[rank])[1], expected[rank][1])
+    for rank, single in enumerate(singles):
+        assert torch.equal(every.train_rows(rank)[1], single.targets)
+        assert torch.equal(every.val_targets[rank], single.val_targets[0])

@@ -15,13 +15,15 @@ Orderings that need gradients also accept worker-side reductions through ``obser
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from orderlab.errors import OrderlabError
-from orderlab.orderings._balance import Items
+from orderlab.orderings._balance import Items, PairStream, set_balance_threads, widen
 
 MessageKind = Literal["none", "unit_gradients", "pair_differences"]
 
@@ -126,7 +128,23 @@ def make_ordering(
     )
 
 
+def order_digest(orders: np.ndarray) -> str:
+    """sha256 of an epoch's orders (int64 [num_workers, shard_size]): equal digests, equal orders."""
+    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64)).hexdigest()
+
+
 # registration happens on import; keep these after the registry
 from orderlab.orderings import grab, pair_balance, permutations  # noqa: E402,F401
 
-__all__ = ["ORDERINGS", "Ordering", "MessageKind", "make_ordering", "ordering_class", "register_ordering"]
+__all__ = [
+    "ORDERINGS",
+    "MessageKind",
+    "Ordering",
+    "PairStream",
+    "make_ordering",
+    "order_digest",
+    "ordering_class",
+    "register_ordering",
+    "set_balance_threads",
+    "widen",
+]
