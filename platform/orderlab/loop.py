@@ -432,15 +432,15 @@ class TrainingLoop:
         subsample is taken in the order the epoch visits it (docs/orderings.md, "Measures").
         """
         count = min(self.cfg.metrics.herding_units or self.plan.shard_size, self.plan.shard_size)
-        grads = []
+        grads = torch.empty(len(self.workers.ranks), count, self.plan.dim, device=self.device)
         for index, (rank, order) in enumerate(zip(self.workers.ranks, orders, strict=True)):
             generator = rng_for(self.cfg.seed, rank, 0, DATA)
             units = torch.randperm(self.plan.shard_size, generator=generator)[:count]
             first_visit = np.full(self.plan.shard_size, len(order), dtype=np.int64)
             np.minimum.at(first_visit, order, np.arange(len(order)))  # with-replacement may repeat units
             units = units[np.argsort(first_visit[units.numpy()], kind="stable")]
-            grads.append(self.unit_gradients(index, units.numpy()))  # [count, d], in visiting order
-        vectors = self.workers.gather(torch.stack(grads))  # on the device: NCCL needs device tensors
+            grads[index] = self.unit_gradients(index, units.numpy())  # [count, d], in visiting order
+        vectors = self.workers.gather(grads)  # on the device: NCCL needs device tensors
         if vectors is None:
             return None
         return parallel_herding_bound(vectors.cpu(), torch.arange(count).repeat(self.plan.num_workers, 1))

@@ -163,3 +163,18 @@ def test_herding_bound_rejects_wrong_shapes(vectors_shape, order_shape):
     z = _vectors(vectors_shape, seed=14)
     with pytest.raises(ValueError):
         herding_bound(z, torch.zeros(order_shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("chunk", [1, 4, 11, 100])
+def test_parallel_bound_taken_in_chunks_of_coordinates_is_the_whole(norm, chunk):
+    z = _vectors((3, 20, 11), seed=5)
+    generator = torch.Generator().manual_seed(2)
+    orders = torch.stack([torch.randperm(20, generator=generator) for _ in range(3)])
+    expected = loop_parallel_herding_bound(z.numpy(), orders.tolist(), norm)
+    assert parallel_herding_bound(z, orders, norm=norm, chunk=chunk) == pytest.approx(expected, rel=1e-12)
+
+
+def test_parallel_bound_rejects_norms_that_do_not_separate_over_coordinates():
+    with pytest.raises(ValueError, match="norm=1"):
+        parallel_herding_bound(_vectors((2, 3, 4), seed=0), torch.zeros(2, 3, dtype=torch.long), norm=1)
