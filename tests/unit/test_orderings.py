@@ -306,6 +306,58 @@ def test_pairs_straddle_observe_calls_with_mixed_chunks(name):
     assert_same_orders(got, expected)
 
 
+def _as_input(grads: torch.Tensor, kind: str):
+    """``grads`` [W, k, d] float32 in one of the forms ``observe`` accepts."""
+    if kind == "list":
+        return [g.numpy().copy() for g in grads]
+    if kind == "float64":
+        return grads.double()
+    if kind == "strided":  # float32, not contiguous
+        return grads.transpose(1, 2).contiguous().transpose(1, 2)
+    return grads
+
+
+def _observe_epochs(o, vectors, chunk_pattern, kinds=("tensor",)):
+    """Orders of epochs 0..E and each epoch's final running sums, observing chunks of
+    ``chunk_pattern`` units (cycled, cut at n) in input forms cycled from ``kinds``; checks on the
+    way that observe does not write to its input and keeps a straddling unit as a view of it."""
+    n = vectors.shape[2]
+    got, sums = [], []
+    for epoch_vectors in vectors:
+        orders = o.begin_epoch()
+        got.append(orders)
+        start, call = 0, 0
+        while start < n:
+            stop = min(start + chunk_pattern[call % len(chunk_pattern)], n)
+            grads = _as_input(gather(epoch_vectors, orders, start, stop), kinds[call % len(kinds)])
+            before = [torch.as_tensor(g).clone() for g in grads]
+            o.observe(grads)
+            assert all(torch.equal(torch.as_tensor(g), b) for g, b in zip(grads, before, strict=True))
+            if isinstance(grads, torch.Tensor) and grads.dtype == torch.float32 and stop % 2:
+                assert o.stream.pending.data_ptr() == grads[:, -1].data_ptr()  # a view, no copy
+            start, call = stop, call + 1
+        sums.append(o.state.running_sum.clone())
+    got.append(o.begin_epoch())
+    return got, sums
+
+
+@pytest.mark.parametrize("name", ["pair-balance", "cd-grab"])
+@pytest.mark.parametrize("n", [16, 17])
+def test_observe_chunks_that_split_pairs_match_one_call(name, n):
+    """Odd chunks (3, 5, 1, ...) put pairs across observe calls, in every input form; the orders
+    and running sums equal those of one call per epoch, and the inputs are left as they were."""
+    num_workers, d = 3, 40  # odd W: the fused kernel's passes fall differently in every chunking
+    vectors = random_vectors(NUM_EPOCHS, num_workers, n, d, seed=27)
+    whole, whole_sums = _observe_epochs(make(name, num_workers, n, d, seed=4), vectors, [n])
+    assert_same_orders(whole, reference_orders(name, vectors.double().numpy(), seed=4, first_epoch="random"))
+    for pattern in ([3, 5], [1], [3, 5, 1, 3, 2, 7]):
+        o = make(name, num_workers, n, d, seed=4)
+        got, sums = _observe_epochs(o, vectors, pattern, kinds=("tensor", "list", "strided", "float64"))
+        assert_same_orders(got, [x.numpy() for x in whole])
+        for epoch, (a, b) in enumerate(zip(sums, whole_sums, strict=True)):
+            assert torch.equal(a, b), f"epoch {epoch}"
+
+
 def test_message_kinds_and_items_per_epoch():
     for name in ("with-replacement", "rr", "so", "flipflop"):
         o = make(name, 2, 7, 0)

@@ -16,6 +16,25 @@ from orderlab.orderings import register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, PairStream, rank_arrays
 
 
+def _unit_tensor(grads: Items, num_workers: int, dim: int) -> torch.Tensor:
+    """``grads`` as a float32 CPU tensor [num_workers, k, dim]: ``grads`` itself (detached) when it
+    is one, else a float32 copy of its ``rank_arrays`` rows.
+
+    Raises:
+        ValueError: wrong shape (from ``rank_arrays``).
+    """
+    if (
+        isinstance(grads, torch.Tensor)
+        and grads.dtype == torch.float32
+        and grads.device.type == "cpu"
+        and grads.ndim == 3
+        and grads.shape[0] == num_workers
+        and grads.shape[2] == dim
+    ):
+        return grads.detach()
+    return torch.from_numpy(np.stack(rank_arrays(grads, num_workers, dim, "grads", float32=True)))
+
+
 @register_ordering("pair-balance")
 class PairBalance:
     """Pairs units in visiting order and balances each pair difference v = g_first - g_second.
@@ -64,6 +83,8 @@ class PairBalance:
         )
         self.units_seen = 0  # units given to observe(); 0 when the epoch is fed through observe_items
         self.stream = PairStream()
+        #: observe's pair differences, [num_workers, capacity, dim] float32, grown to a call's pairs
+        self.pair_buffer = torch.empty(num_workers, 0, dim, dtype=torch.float32)
 
     @property
     def epoch(self) -> int:
@@ -85,22 +106,41 @@ class PairBalance:
     def observe(self, grads: Items) -> None:
         """Balance the next k units of every worker, in visiting order.
 
+        Each pair difference is formed once, into a float32 buffer this object keeps and reuses; a
+        float32 CPU tensor is read in place, never copied or written to. A pair may straddle two
+        calls: its first unit is kept as a view of ``grads`` (as ``PairStream`` does), so ``grads``
+        must not be written to before the next call.
+
         Args:
-            grads: [num_workers, k, dim], or one [k, dim] per worker (see ``rank_arrays``). The epoch's
-                last unit of an odd-sized shard pairs with nothing: it must be observed, but only
-                takes the middle slot.
+            grads: [num_workers, k, dim] float32 (read in place), or any other ``rank_arrays``
+                input (one [k, dim] per worker, other dtypes or devices: copied to float32). The
+                epoch's last unit of an odd-sized shard pairs with nothing: it must be observed,
+                but only takes the middle slot.
 
         Raises:
             ValueError: wrong shape, or more units than the shard has.
         """
-        units = rank_arrays(grads, self.num_workers, self.dim, "grads", float32=True)
-        num_units = len(units[0])
+        units = _unit_tensor(grads, self.num_workers, self.dim)
+        num_units = units.shape[1]
         if self.units_seen + num_units > self.shard_size:
             raise ValueError(
                 f"{self.name}: {self.units_seen} + {num_units} units exceed the shard's {self.shard_size}"
             )
         self.units_seen += num_units
-        self.observe_items(self.stream.push(torch.from_numpy(np.stack(units))))
+        blocks = self.stream.pairs(units)  # views: the pair straddling the last call, then this call's
+        num_pairs = sum(firsts.shape[1] for firsts, _ in blocks)
+        if num_pairs == 0:
+            return
+        if self.pair_buffer.shape[1] < num_pairs:
+            self.pair_buffer = torch.empty(self.num_workers, num_pairs, self.dim, dtype=torch.float32)
+        differences, start = self.pair_buffer[:, :num_pairs], 0  # worker w's rows: contiguous [p, d]
+        for firsts, seconds in blocks:
+            torch.sub(firsts, seconds, out=differences[:, start : start + firsts.shape[1]])
+            start += firsts.shape[1]
+        # One call for both blocks, as the sequence is one: fused_balance decides two vectors per
+        # pass over r, taking <r + ε_c v_c, v_d> as <r, v_d> + ε_c <v_c, v_d>, so where calls split
+        # the sequence moves the passes' boundaries and the inner products' rounding (near-ties).
+        self.observe_items(differences)
 
     def observe_items(self, pair_differences: Items) -> None:
         """Balance the next p pairs of every worker.
