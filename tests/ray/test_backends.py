@@ -108,3 +108,34 @@ def test_the_same_losses(example_units, microbatch_units):
         for column in ("train_loss", "val_loss", "val_metric"):
             pd.testing.assert_series_equal(ray_rows[column], simulated[column], rtol=1e-5, check_exact=False)
         assert ray_rows["train_loss"].nunique() > 3  # the trials differ from each other and learn
+
+
+def test_a_simulated_trial_whose_process_dies_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    """A worker's exit kills the simulated trial's whole process; Tune retries the trial
+    (train.max_failures) from its last checkpoint, and every epoch equals the uninterrupted run's."""
+    outcome = orderlab.sweep(
+        str(CONFIGS / "tiny.yaml"),
+        overrides={
+            "name": "backends-fault",
+            "storage": str(tmp_path),
+            "sweep": {},
+            "train.epochs": 3,
+            "train.backend": "simulated",
+            "train.max_failures": 1,
+            "ordering.name": "cd-grab",
+        },
+        param_space={"faults.exit_worker": [None, {"epoch": 1, "step": 20, "rank": 1}]},
+    )
+    assert (outcome.num_trials, outcome.num_errors) == (2, 0)
+    con = results.connect(str(tmp_path))
+    assert set(con.sql("SELECT status FROM trials").df()["status"]) == {"completed"}
+    rows = con.sql(
+        "SELECT json_extract_string(config_json, '$.faults.exit_worker') IS NULL AS clean, epoch, train_loss, "
+        "order_digest FROM epochs JOIN trials USING (trial_id, sweep) ORDER BY clean, epoch"
+    ).df()
+    faulted, clean = rows[~rows["clean"]].reset_index(drop=True), rows[rows["clean"]].reset_index(drop=True)
+    assert faulted["epoch"].tolist() == clean["epoch"].tolist() == [0, 1, 2]
+    assert faulted["order_digest"].tolist() == clean["order_digest"].tolist()
+    assert faulted["train_loss"].tolist() == clean["train_loss"].tolist()
+    markers = list((tmp_path / "_faults").rglob("exit_worker"))
+    assert len(markers) == 1  # the fault fired, once
