@@ -180,24 +180,35 @@ def data_fetch(
     print(f"{task}: {len(paths)} file(s) verified in {directory}")
 
 
-@data_app.command("check", epilog="Example: orderlab data check --data-dir ../shared/data")
+@data_app.command("check", epilog="Example: orderlab data check mnist-logreg --data-dir ../shared/data")
 def data_check(
     task: Annotated[str | None, typer.Argument(help="only this task's files")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Print every data file's status (ok, unverified, missing, corrupt); a corrupt file is an error."""
-    from orderlab.data import check_files, format_status_table
+    """Print every data file's status (ok, unverified, missing, corrupt). A corrupt file is an error, and
+    so, with TASK, is a file TASK needs that is missing (exit status 2, as a script can test)."""
+    from orderlab.data import check_files, format_status_table, missing_requirements
     from orderlab.tasks import resolve_data_dir
     from orderlab.tasks.files import FILES, files_of, tasks_by_file
 
     directory = resolve_data_dir(str(data_dir) if data_dir else None)
     rows = check_files(files_of(task) if task else FILES.values(), directory)
     print(f"data directory {directory}\n{format_status_table(rows, tasks_by_file())}")
+    problems = []
     corrupt = [str(directory / file.relative) for file, status in rows if status == "corrupt"]
     if corrupt:
-        raise OrderlabError(
+        problems.append(
             f"corrupt data files (delete them and run `orderlab data fetch TASK`): {', '.join(corrupt)}"
         )
+    missing = missing_requirements(rows) if task else []  # without TASK, absent files may be unneeded
+    if missing:
+        names = "; ".join(" or ".join(str(directory / f.relative) for f in group) for group in missing)
+        problems.append(
+            f"task {task} needs data files that are missing: {names}; run `orderlab data fetch {task} "
+            f"--data-dir {directory}` (it downloads what can be downloaded and says where to get the rest)"
+        )
+    if problems:
+        raise OrderlabError("\n".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:

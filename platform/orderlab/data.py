@@ -140,6 +140,20 @@ def check_files(files: Iterable[DataFile], data_dir: Path) -> list[tuple[DataFil
     return [(file, file_status(data_dir, file)) for file in files]
 
 
+def missing_requirements(rows: Sequence[tuple[DataFile, Status]]) -> list[list[DataFile]]:
+    """The requirements among ``rows`` that no file is there for, each as its files (the members of one
+    ``DataFile.group``): every member ``missing`` and at least one not optional. A group with a
+    corrupt member is not listed: the corrupt file is the problem to report."""
+    groups: dict[str, list[tuple[DataFile, Status]]] = {}
+    for file, status in rows:
+        groups.setdefault(file.group, []).append((file, status))
+    return [
+        [file for file, _ in members]
+        for members in groups.values()
+        if all(status == "missing" for _, status in members) and not all(f.optional for f, _ in members)
+    ]
+
+
 def format_status_table(
     rows: Sequence[tuple[DataFile, Status]], users: dict[str, list[str]] | None = None
 ) -> str:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -158,6 +159,16 @@ def test_a_full_ring_waits_and_asks_whether_to_keep_waiting(tmp_path) -> None:
     assert ring.wait_for_slot(give_up) < 0.01  # free again: no wait
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_seconds: float = 10.0) -> None:
+    """Yield to the event loop (the server's poller runs) until ``condition()`` holds; fail naming ``what``
+    after ``timeout_seconds``."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what}: not after {timeout_seconds} s")
+        await asyncio.sleep(0.001)
+
+
 async def publish_epoch(
     server: OrderServer,
     rings: list[MessageRing],
@@ -169,14 +180,15 @@ async def publish_epoch(
     """Every rank's items [W, m, d] as messages of random sizes, ranks interleaved at random, each
     published once its ring has a free slot."""
     queues = [random_cuts(items.shape[1], rng) for _ in rings]
-    while any(queues):
-        ready = [
+
+    def ready() -> list[int]:
+        return [
             r for r, ring in enumerate(rings) if queues[r] and ring.published - ring.released < ring.slots
         ]
-        if not ready:
-            await asyncio.sleep(0.001)  # the server's poller runs
-            continue
-        rank = ready[int(rng.integers(len(ready)))]
+
+    while any(queues):
+        await until(lambda: bool(ready()), f"a free slot for epoch {epoch}'s next message")
+        rank = ready()[int(rng.integers(len(ready())))]
         start, end = queues[rank].pop(0)
         rings[rank].slot_array(items.shape[2], items.dtype)[: end - start] = items[rank, start:end]
         rings[rank].publish(epoch, start, rank, end - start, items.shape[2], items.dtype, generation)
@@ -244,11 +256,8 @@ def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_p
         generation, ring = await new_generation_with_ring(server, str(tmp_path))
         ring.slot_array(3, np.float32)[:2] = 1.0
         ring.publish(0, 0, 0, 2, 3, np.float32, generation - 1)  # a crashed group's message
-        for _ in range(100):
-            if ring.released == 1:
-                break
-            await asyncio.sleep(0.001)
-        assert ring.released == 1 and server.cursor == 0  # dropped, and its slot handed back
+        await until(lambda: ring.released == 1, "the stale message's slot handed back")
+        assert server.cursor == 0  # dropped, not applied
         with pytest.raises(RuntimeError, match="restarted"):
             await server.begin_epoch(1, 0, generation + 1)
         restarted = make_server(**SMALL_SERVER)
@@ -278,13 +287,22 @@ def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_pat
 def test_an_idle_poller_wakes_at_once(wake: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(server_module, "RING_POLL_SECONDS", (60.0, 60.0))  # idle polls a minute apart
     server = make_server(**SMALL_SERVER)
+    wait_for_wake, idle = server._wait_for_wake, asyncio.Event()
+
+    async def recording_wait_for_wake(seconds: float) -> bool:
+        if not server._wake.is_set():  # about to sleep for the whole minute unless woken
+            idle.set()
+        return await wait_for_wake(seconds)
+
+    monkeypatch.setattr(server, "_wait_for_wake", recording_wait_for_wake)
 
     async def scenario() -> None:
         generation, ring = await new_generation_with_ring(server, str(tmp_path))
         if wake == "a doorbell":
             ring.unlink()  # the worker's side of the doorbell opens here
             assert ring.bell is not None and not list(tmp_path.iterdir())
-        await asyncio.sleep(0.01)  # the poller found the ring empty and sleeps
+        idle.clear()  # a sleep that began before the doorbell was open does not count
+        await asyncio.wait_for(idle.wait(), timeout=10)  # the poller found the ring empty and sleeps
         publish_the_epoch(ring, generation)  # rings the bell once unlinked
         if wake == "an order handed out":
             await server.begin_epoch(0, 0, generation)  # a worker takes its order: its messages follow

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -281,6 +283,70 @@ def test_cli_data_errors_exit_2(tmp_path, capsys, data_dir):
     assert main(["data", "fetch", "hmda-logreg", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "features-processed-NY-2017.npz" in err and "no public copy" in err and "Traceback" not in err
+
+
+def known_file(monkeypatch, data_dir: Path, relative: str) -> Path:
+    """Write PAYLOAD as table entry ``relative``, whose checksum becomes PAYLOAD's (for this test)."""
+    monkeypatch.setitem(FILES, relative, replace(FILES[relative], sha256=PAYLOAD_SHA256, also_accepted=()))
+    (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+    (data_dir / relative).write_bytes(PAYLOAD)
+    return data_dir / relative
+
+
+def statuses(out: str) -> dict[str, str]:
+    """File -> status from the table `orderlab data check` prints after its data-directory line."""
+    return {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+
+
+def test_data_check_of_a_task_fails_when_a_file_it_needs_is_missing(tmp_path, monkeypatch, capsys):
+    assert main(["data", "check", "digits-logreg", "--data-dir", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert statuses(captured.out) == {"sklearn/digits.csv.gz": "missing"}
+    assert "task digits-logreg needs data files that are missing" in captured.err
+    assert str(tmp_path / "sklearn/digits.csv.gz") in captured.err and "orderlab data fetch" in captured.err
+    known_file(monkeypatch, tmp_path, "sklearn/digits.csv.gz")
+    assert main(["data", "check", "digits-logreg", "--data-dir", str(tmp_path)]) == 0
+    assert statuses(capsys.readouterr().out) == {"sklearn/digits.csv.gz": "ok"}
+
+
+def test_data_check_of_a_task_fails_on_a_corrupt_file(tmp_path, capsys):
+    (tmp_path / "sklearn").mkdir()
+    (tmp_path / "sklearn/digits.csv.gz").write_bytes(b"garbage")
+    assert main(["data", "check", "digits-logreg", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt data files" in err and "missing" not in err
+
+
+def test_data_check_of_a_task_accepts_alternatives_and_skips_optional_files(tmp_path, monkeypatch, capsys):
+    assert main(["data", "check", "mnist1d-logreg", "--data-dir", str(tmp_path)]) == 0  # generated offline
+    assert statuses(capsys.readouterr().out) == {"mnist1d/mnist1d_data.npz": "missing"}
+    known_file(monkeypatch, tmp_path, "hmda/targets-processed-NY-2017.pt")  # the .npz's alternative
+    assert main(["data", "check", "hmda-logreg", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    features = f"{tmp_path / 'hmda/features-processed-NY-2017.npz'} or {tmp_path / 'hmda/features-processed-NY-2017.pt'}"
+    assert f"missing: {features};" in err and "targets" not in err
+    (tmp_path / "hmda/features-processed-NY-2017.npz").write_bytes(b"no checksum known: unverified")
+    assert main(["data", "check", "hmda-logreg", "--data-dir", str(tmp_path)]) == 0
+
+
+def test_data_check_of_every_file_fails_only_on_corrupt_ones(tmp_path, capsys):
+    assert main(["data", "check", "--data-dir", str(tmp_path)]) == 0
+    assert statuses(capsys.readouterr().out) == dict.fromkeys(FILES, "missing")
+    (tmp_path / "m4").mkdir()
+    (tmp_path / "m4/Weekly-test.csv").write_text("garbage")
+    assert main(["data", "check", "--data-dir", str(tmp_path)]) == 2
+    assert str(tmp_path / "m4/Weekly-test.csv") in capsys.readouterr().err
+
+
+def test_data_check_exit_status_reaches_the_shell(tmp_path):
+    command = [sys.executable, "-m", "orderlab", "data", "check"]
+    missing = subprocess.run(
+        [*command, "m4-mlp", "--data-dir", str(tmp_path)], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("orderlab: error: task m4-mlp needs")
+    assert "Traceback" not in missing.stderr
+    everything = subprocess.run([*command, "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert everything.returncode == 0, everything.stderr
 
 
 @pytest.mark.parametrize("command", ["fetch", "check"])

@@ -167,6 +167,7 @@ def test_fashion_mnist_loader(fashion):
     assert float(fashion.train_inputs.std()) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.datasets  # the fixtures come through request.getfixturevalue
 @pytest.mark.parametrize(("name", "dim"), [("mnist-logreg", 7850), ("fashion-mnist-cnn", 61706)])
 def test_image_tasks_train_and_split_per_example(name, dim, request):
     data = request.getfixturevalue("mnist" if name == "mnist-logreg" else "fashion")
