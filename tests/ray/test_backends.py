@@ -1,8 +1,11 @@
 """The simulated backend against Ray Train: the same configs under both, on one shared Ray.
 
-Every trial runs 3 epochs. Gradient-free orderings must give the same orders at any W; with W = 2 the
-all-reduce is a two-term sum (the same in either order), so gradient orderings must give the same
-orders too; train and validation losses must agree within rtol 1e-5 for W = 2 and 4.
+Every trial runs 3 epochs. Every epoch's orders must be the same: gradient-free orderings' at any W;
+gradient orderings' with W = 2, where the all-reduce is a two-term sum (the same in either order),
+and also with W = 4 on these configs, where gloo's sum of the workers' float32 gradients has given
+the same bits as the simulated backend's sum in rank order (the trained weights and so the train
+losses come out bit-identical; the validation losses differ in the 8th digit, where the float64
+evaluation sums over workers are added in another order). Losses must agree within rtol 1e-5.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pytest
 import orderlab
 from orderlab import results
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.datasets]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BOTH = ["ray-train", "simulated"]
 
@@ -93,19 +96,20 @@ def test_both_backends_complete_every_epoch(example_units, microbatch_units):
         assert (rows.groupby(["backend", "ordering", "num_workers", "unit"])["epoch"].nunique() == 3).all()
 
 
-def test_the_same_orders_where_the_sum_over_workers_is_the_same(example_units, microbatch_units):
+def test_the_same_orders_every_epoch(example_units, microbatch_units):
     for rows in (example_units, microbatch_units):
         ray_rows, simulated = by_backend(rows)
-        exact = (ray_rows["ordering"] == "rr") | (ray_rows["num_workers"] == 2)
-        assert exact.any()
-        assert ray_rows.loc[exact, "order_digest"].tolist() == simulated.loc[exact, "order_digest"].tolist()
+        assert ray_rows["order_digest"].tolist() == simulated["order_digest"].tolist()
+        assert ray_rows["order_digest"].nunique() > len(ray_rows) // 2  # the orders change by epoch
 
 
 def test_the_same_losses(example_units, microbatch_units):
-    """Averaging over workers, not summing, and the same optimizer steps: losses agree to rtol 1e-5."""
+    """Averaging over workers, not summing, and the same optimizer steps: the same weights (train
+    losses bit-identical), and validation losses within rtol 1e-5."""
     for rows in (example_units, microbatch_units):
         ray_rows, simulated = by_backend(rows)
-        for column in ("train_loss", "val_loss", "val_metric"):
+        assert ray_rows["train_loss"].tolist() == simulated["train_loss"].tolist()
+        for column in ("val_loss", "val_metric"):
             pd.testing.assert_series_equal(ray_rows[column], simulated[column], rtol=1e-5, check_exact=False)
         assert ray_rows["train_loss"].nunique() > 3  # the trials differ from each other and learn
 

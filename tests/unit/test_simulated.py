@@ -25,6 +25,7 @@ from orderlab.seeding import ORDER, rng_for
 from orderlab.simulated import run_simulated_trial
 from orderlab.tasks import load_task_data, make_task
 
+pytestmark = pytest.mark.datasets  # digits through configs/tiny.yaml
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
