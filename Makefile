@@ -44,6 +44,8 @@ bench: setup
 	$(BIN)/python benchmarks/epoch_overhead.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/allreduce_contention.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/sketch_quality.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/backends.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/herding_vs_workers.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check platform tasks tests benchmarks

@@ -110,7 +110,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="epochs of reordering")
     parser.add_argument("--seeds", type=int, default=5, help="seeds (vectors and orderings); mean")
     parser.add_argument("--figure", default="docs/figures/herding-vs-workers.png", help="PNG path")
+    parser.add_argument("--quick", action="store_true", help="2 seeds")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds = 2
     orderings = [name for name in args.orderings.split(",") if name]
     if any(args.total % w for w in args.workers):
         parser.error(f"every W in --workers must divide --total={args.total}")

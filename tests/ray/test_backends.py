@@ -3,9 +3,10 @@
 Every trial runs 3 epochs. Every epoch's orders must be the same: gradient-free orderings' at any W;
 gradient orderings' with W = 2, where the all-reduce is a two-term sum (the same in either order),
 and also with W = 4 on these configs, where gloo's sum of the workers' float32 gradients has given
-the same bits as the simulated backend's sum in rank order (the trained weights and so the train
-losses come out bit-identical; the validation losses differ in the 8th digit, where the float64
-evaluation sums over workers are added in another order). Losses must agree within rtol 1e-5.
+the same bits as the simulated backend's sum in rank order. So gradient orderings, whose per-unit
+gradients the simulated backend takes per worker, train bit-identical weights (equal train losses);
+gradient-free orderings take one backward over every worker's examples (the sum of the workers' mean
+losses), whose weight gradients round differently in the last bit. Losses must agree within rtol 1e-5.
 """
 
 from __future__ import annotations
@@ -104,12 +105,15 @@ def test_the_same_orders_every_epoch(example_units, microbatch_units):
 
 
 def test_the_same_losses(example_units, microbatch_units):
-    """Averaging over workers, not summing, and the same optimizer steps: the same weights (train
-    losses bit-identical), and validation losses within rtol 1e-5."""
+    """Averaging over workers, not summing, and the same optimizer steps: losses within rtol 1e-5,
+    and bit-identical train losses where the gradients are taken per worker."""
     for rows in (example_units, microbatch_units):
         ray_rows, simulated = by_backend(rows)
-        assert ray_rows["train_loss"].tolist() == simulated["train_loss"].tolist()
-        for column in ("val_loss", "val_metric"):
+        per_worker = (ray_rows["ordering"] == "cd-grab").to_numpy()
+        assert per_worker.any()
+        exact = ray_rows.loc[per_worker, "train_loss"].tolist()
+        assert exact == simulated.loc[per_worker, "train_loss"].tolist()
+        for column in ("train_loss", "val_loss", "val_metric"):
             pd.testing.assert_series_equal(ray_rows[column], simulated[column], rtol=1e-5, check_exact=False)
         assert ray_rows["train_loss"].nunique() > 3  # the trials differ from each other and learn
 
