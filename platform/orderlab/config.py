@@ -324,7 +324,9 @@ class ExperimentConfig(BaseModel):
         valid = sweep_axes()
         for axis, values in sweep.items():
             if not _is_sweep_axis(axis):
-                axes = ", ".join([*valid, _OPTIONS_PREFIX + "<key>", "a section (train, ordering, ...) of mappings"])
+                axes = ", ".join(
+                    [*valid, _OPTIONS_PREFIX + "<key>", "a section (train, ordering, ...) of mappings"]
+                )
                 reason = f"unknown sweep axis{_suggest(axis, valid)}; valid axes: {axes}"
                 raise _field_error(axis, values, reason)
             if not values:

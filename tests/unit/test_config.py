@@ -369,7 +369,10 @@ def test_a_section_axis_sets_several_keys_of_each_point_together() -> None:
     axis = [{"num_workers": 4, "batch_size": 4}, {"num_workers": 8, "batch_size": 8}]
     points = validate_grid(validate({**BASE, "sweep": {"train": axis, "seed": [0, 1]}}))
     assert [(p.train.num_workers, p.train.batch_size, p.seed) for p in points] == [
-        (4, 4, 0), (4, 4, 1), (8, 8, 0), (8, 8, 1)
+        (4, 4, 0),
+        (4, 4, 1),
+        (8, 8, 0),
+        (8, 8, 1),
     ]
     with pytest.raises(OrderlabError, match="train.batch_sizee: unknown key"):
         validate_grid(validate({**BASE, "sweep": {"train": [{"batch_sizee": 4}]}}))

@@ -72,7 +72,12 @@ def test_the_update_is_the_mean_of_the_workers_mean_gradients(tmp_path, num_work
     step, the mean over workers, torch's SGD. Summing instead of averaging, or dropping a worker,
     fails this (the losses move far more than rtol 1e-5)."""
     cfg, plan = trial(
-        {"ordering.name": "rr", "train.epochs": 1, "train.num_workers": num_workers, "train.batch_size": 4 * num_workers}
+        {
+            "ordering.name": "rr",
+            "train.epochs": 1,
+            "train.num_workers": num_workers,
+            "train.batch_size": 4 * num_workers,
+        }
     )
     run_simulated_trial(cfg, plan, trial_id="t", results_root=str(tmp_path))
     task = make_task(cfg.task.name)
