@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -155,12 +156,17 @@ def assert_sane_png(path: Path) -> None:
     assert pixels.std() > 0  # not blank
 
 
+def reported(tmp_path_factory: pytest.TempPathFactory, write: Callable[[str], None]) -> tuple[Path, Path]:
+    """(results root, report.html) of the results that ``write`` puts under a fresh root."""
+    root = tmp_path_factory.mktemp("res")
+    write(str(root))
+    return root, report(root, out=root / "out")
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(results root, report.html) of the fixture results."""
-    root = tmp_path_factory.mktemp("res")
-    write_results(str(root))
-    return root, report(root, out=root / "out")
+    return reported(tmp_path_factory, write_results)
 
 
 def test_report_writes_pngs_and_self_contained_html(made: tuple[Path, Path]) -> None:
@@ -201,9 +207,7 @@ def test_herding_figure_is_skipped_without_values(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(results root, report.html) of a num_workers sweep."""
-    root = tmp_path_factory.mktemp("workers")
-    write_worker_sweep(str(root))
-    return root, report(root, out=root / "out")
+    return reported(tmp_path_factory, write_worker_sweep)
 
 
 def test_num_workers_sweep_gets_final_vs_num_workers(workers: tuple[Path, Path]) -> None:
