@@ -50,6 +50,7 @@ from orderlab import results
 from orderlab.config import validate
 from orderlab.grads import CountSketch, microbatch_gradient, num_parameters, per_example_gradients
 from orderlab.loop import build_model, make_optimizer
+from orderlab.orderings import OrderingSpec
 from orderlab.server import RemoteOrderServer
 from orderlab.sweep import RAY_ENV
 from orderlab.tasks import TASKS, make_task, resolve_data_dir
@@ -339,13 +340,10 @@ def step_anatomy(task_name: str, num_steps: int) -> dict[str, float]:
         # steady state, as in a trial's later epochs: the first 128 steps (more than a full ring of
         # 5 slots × 16 steps, whose first writes page-fault) are not timed
         steps, warm_up = 16 * max(2, num_steps // 16), 128
-        server = RemoteOrderServer.remote(
-            "cd-grab",
-            num_workers=1,
-            shard_size=(warm_up + steps) * units_per_step,
-            dim=sketch_dim or dim,
-            seed=0,
+        spec = OrderingSpec(
+            num_workers=1, shard_size=(warm_up + steps) * units_per_step, dim=sketch_dim or dim
         )
+        server = RemoteOrderServer.remote("cd-grab", spec)
         ray.get(server.begin_epoch.remote(0, 0))
         sketch = CountSketch(dim, sketch_dim, 0) if sketch_dim else None
         messenger = ServerMessenger(server, 0, "pair_differences", 16, 4, sketch, payload_dtype, transport)

@@ -42,6 +42,7 @@ import torch
 from _common import fmt, machine_line, markdown_table, median, parse_sizes, plain_balance, timed
 
 from orderlab.channel import BELL_SUFFIX, WIRE_DTYPES, MessageRing, default_ring_directory
+from orderlab.orderings import OrderingSpec
 from orderlab.server import OrderMessage, OrderServer, RemoteOrderServer
 from orderlab.wire import encode_payload
 
@@ -91,13 +92,8 @@ class Workload:
             k += 1
         return rounds
 
-    def server_args(self) -> dict:
-        return dict(
-            num_workers=self.num_workers,
-            shard_size=2 * self.pairs_per_worker,
-            dim=self.dim,
-            seed=0,
-        )
+    def spec(self) -> OrderingSpec:
+        return OrderingSpec(num_workers=self.num_workers, shard_size=2 * self.pairs_per_worker, dim=self.dim)
 
 
 def make_pool(dim: int, num_vectors: int, seed: int = 0) -> np.ndarray:
@@ -130,7 +126,7 @@ class InProcessBench:
 
     def __init__(self, workload: Workload, payload_dtype: str) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
-        self.server = OrderServer("cd-grab", **workload.server_args())
+        self.server = OrderServer("cd-grab", workload.spec())
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def measure(self, epochs: int) -> float:
@@ -166,7 +162,7 @@ class ActorBench:
     ) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
         self.max_in_flight, self.max_in_flight_bytes = max_in_flight, max_in_flight_bytes
-        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args())
+        self.server = RemoteOrderServer.remote("cd-grab", workload.spec())
         self.epoch, self.cpu_seconds = 0, 0.0
 
     def ready(self) -> ray.ObjectRef:
@@ -222,7 +218,7 @@ class RingBench:
         self, workload: Workload, payload_dtype: str, max_in_flight: int, threads: int, directory: str
     ) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
-        self.server = RemoteOrderServer.remote("cd-grab", **workload.server_args(), threads=threads)
+        self.server = RemoteOrderServer.remote("cd-grab", workload.spec(), threads=threads)
         wire = WIRE_DTYPES[payload_dtype]
         slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
         self.rings = []

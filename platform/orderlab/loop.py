@@ -39,6 +39,7 @@ from orderlab.grads import (
     vmap_problem,
 )
 from orderlab.herding import parallel_herding_bound
+from orderlab.orderings import OrderingSpec
 from orderlab.seeding import DATA, MODEL, rng_for, seed_for
 from orderlab.tasks import (
     Task,
@@ -113,6 +114,21 @@ def plan_trial(
         dim=dim,
         needs_gradients=needs_gradients,
         message_kind=message_kind,
+    )
+
+
+def ordering_spec(cfg: ExperimentConfig, plan: TrialPlan) -> OrderingSpec:
+    """The trial's ordering settings: its shards, its seed, ``cfg.ordering``'s rules, and the length of
+    the vectors the ordering balances (the sketch length when ``ordering.sketch_dim`` is set)."""
+    ordering = cfg.ordering
+    return OrderingSpec(
+        num_workers=plan.num_workers,
+        shard_size=plan.shard_size,
+        dim=ordering.sketch_dim or plan.dim,
+        seed=cfg.seed,
+        first_epoch=ordering.first_epoch,
+        balance=ordering.balance,
+        balance_c=ordering.balance_c,
     )
 
 

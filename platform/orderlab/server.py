@@ -23,7 +23,7 @@ import ray
 import torch
 
 from orderlab.channel import WIRE_DTYPES, MessageRing
-from orderlab.orderings import make_ordering, order_digest, set_balance_threads
+from orderlab.orderings import OrderingSpec, make_ordering, order_digest, set_balance_threads
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,8 @@ class OrderServer:
     """Hosts one ordering for a trial and builds every epoch's orders from worker messages.
 
     Args:
-        ordering: the ordering's name. num_workers: W. shard_size: n units per worker.
-        dim: d, the length of the vectors workers send (the sketch length when sketching).
-        seed, first_epoch, balance, balance_c: as ``orderlab.orderings.make_ordering``.
+        ordering: the ordering's name. spec: its settings (``OrderingSpec``; ``dim`` is the length
+            of the vectors workers send, the sketch length when sketching).
         threads: threads to balance with (``ordering.server_threads``; ``set_balance_threads``).
         payload_dtype: the wire format the workers will send (``ordering.payload_dtype``), when
             known: the balancing kernel for it is then loaded (or compiled) here, while the workers
@@ -83,31 +82,11 @@ class OrderServer:
     """
 
     def __init__(
-        self,
-        ordering: str,
-        *,
-        num_workers: int,
-        shard_size: int,
-        dim: int,
-        seed: int,
-        first_epoch: str = "random",
-        balance: str = "deterministic",
-        balance_c: float = 30.0,
-        threads: int = 1,
-        payload_dtype: str | None = None,
+        self, ordering: str, spec: OrderingSpec, *, threads: int = 1, payload_dtype: str | None = None
     ) -> None:
         self.threads = set_balance_threads(threads)
-        self._ordering_args = dict(
-            num_workers=num_workers,
-            shard_size=shard_size,
-            dim=dim,
-            seed=seed,
-            first_epoch=first_epoch,
-            balance=balance,
-            balance_c=balance_c,
-        )
-        self._ordering_name = ordering
-        self.num_workers = num_workers
+        self._ordering_name, self.spec = ordering, spec
+        self.num_workers = spec.num_workers
         self.generation = 0
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()  # wakes an idle ring poller: a doorbell rang or an order went out
@@ -117,12 +96,12 @@ class OrderServer:
         self._start()
         if payload_dtype is not None and self.needs_gradients:
             # items of zero rows: every step of balancing runs (and numba loads its kernel), nothing changes
-            empty = np.empty((0, dim), WIRE_DTYPES[payload_dtype])
-            self.ordering.observe_items([empty] * num_workers)
+            empty = np.empty((0, spec.dim), WIRE_DTYPES[payload_dtype])
+            self.ordering.observe_items([empty] * spec.num_workers)
 
     def _start(self) -> None:
         """The state before epoch 0: a fresh ordering and epoch 0's orders."""
-        self.ordering = make_ordering(self._ordering_name, **self._ordering_args)
+        self.ordering = make_ordering(self._ordering_name, self.spec)
         self.orders: dict[int, np.ndarray] = {}
         self.digests: dict[int, str] = {}
         self.epoch = -1  # the epoch whose items are being applied

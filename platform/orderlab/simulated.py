@@ -22,7 +22,7 @@ import torch
 from orderlab.config import ExperimentConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import CountSketch
-from orderlab.loop import TrainingLoop, TrialPlan
+from orderlab.loop import TrainingLoop, TrialPlan, ordering_spec
 from orderlab.orderings import PairStream, make_ordering, order_digest, set_balance_threads
 from orderlab.wire import PAYLOAD_DTYPES
 
@@ -45,19 +45,9 @@ class InProcessOrdering:
     """
 
     def __init__(self, cfg: ExperimentConfig, plan: TrialPlan, sketch: CountSketch | None) -> None:
-        ordering = cfg.ordering
-        self.ordering = make_ordering(
-            ordering.name,
-            num_workers=plan.num_workers,
-            shard_size=plan.shard_size,
-            dim=ordering.sketch_dim or plan.dim,
-            seed=cfg.seed,
-            first_epoch=ordering.first_epoch,
-            balance=ordering.balance,
-            balance_c=ordering.balance_c,
-        )
+        self.ordering = make_ordering(cfg.ordering.name, ordering_spec(cfg, plan))
         self.message_kind, self.sketch = plan.message_kind, sketch
-        self.payload_dtype = PAYLOAD_DTYPES[ordering.payload_dtype]
+        self.payload_dtype = PAYLOAD_DTYPES[cfg.ordering.payload_dtype]
         self.pairs = PairStream()
         self.buffer = torch.empty(0)
         self.orders: np.ndarray | None = None

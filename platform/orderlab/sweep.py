@@ -35,7 +35,7 @@ from orderlab import results
 from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate, validate_grid
 from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
-from orderlab.loop import TrialPlan, build_model, load_checkpoint, plan_trial, save_checkpoint
+from orderlab.loop import TrialPlan, build_model, load_checkpoint, ordering_spec, plan_trial, save_checkpoint
 from orderlab.orderings import ordering_class
 from orderlab.server import RemoteOrderServer
 from orderlab.simulated import run_simulated_trial
@@ -213,13 +213,7 @@ def ray_train_trial(
     workers; returns rank 0's outcome (status, node ids, test metrics) and sets ``row``'s server node."""
     server = RemoteOrderServer.remote(
         cfg.ordering.name,
-        num_workers=plan.num_workers,
-        shard_size=plan.shard_size,
-        dim=cfg.ordering.sketch_dim or plan.dim,
-        seed=cfg.seed,
-        first_epoch=cfg.ordering.first_epoch,
-        balance=cfg.ordering.balance,
-        balance_c=cfg.ordering.balance_c,
+        ordering_spec(cfg, plan),
         threads=cfg.ordering.server_threads,
         payload_dtype=cfg.ordering.payload_dtype,
     )

@@ -15,6 +15,7 @@ from ray import tune
 import orderlab
 from orderlab import results
 from orderlab.errors import OrderlabError
+from orderlab.orderings import OrderingSpec
 from orderlab.server import RemoteOrderServer
 from orderlab.tasks import resolve_data_dir
 from orderlab.worker import message_transport
@@ -117,7 +118,7 @@ def test_ray_calls_and_shared_memory_give_the_same_trial(two_trial_sweep, tmp_pa
 
 
 def test_transport_follows_the_node_and_the_device(ray_cluster):
-    server = RemoteOrderServer.remote("cd-grab", num_workers=1, shard_size=4, dim=3, seed=0)
+    server = RemoteOrderServer.remote("cd-grab", OrderingSpec(num_workers=1, shard_size=4, dim=3))
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert message_transport("auto", server, cpu) == "shared_memory"  # this process shares its node
     assert message_transport("auto", server, gpu) == "ray"

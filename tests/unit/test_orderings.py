@@ -9,8 +9,10 @@ for the balancing done while observing ``epoch``, one ``torch.rand`` draw per de
 from __future__ import annotations
 
 import io
+import pkgutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ import torch
 
 from orderlab.errors import OrderlabError
 from orderlab.herding import herding_bound, parallel_herding_bound
-from orderlab.orderings import ORDERINGS, make_ordering
+from orderlab.orderings import ORDERINGS, OrderingSpec, make_ordering
 from orderlab.seeding import BALANCE, ORDER, rng_for
 
 GRADIENT_ORDERINGS = ("grab", "pair-balance", "cd-grab")
@@ -591,8 +593,28 @@ def test_unknown_name_lists_known_names():
 )
 def test_invalid_arguments_raise_orderlab_error(kwargs):
     args = {"num_workers": 2, "shard_size": 4, "dim": 3} | kwargs
-    with pytest.raises(OrderlabError):
+    with pytest.raises(OrderlabError, match=next(iter(kwargs))):
         make_ordering("cd-grab", **args)
+
+
+def test_a_spec_is_the_keywords():
+    """make_ordering takes one OrderingSpec or its fields by keyword, never both, and names a typo."""
+    spec = OrderingSpec(num_workers=2, shard_size=6, dim=3, seed=4, first_epoch="identity")
+    from_spec, from_keywords = make_ordering("cd-grab", spec), make_ordering("cd-grab", **asdict(spec))
+    assert torch.equal(from_spec.begin_epoch(), from_keywords.begin_epoch())
+    with pytest.raises(OrderlabError, match="num_worker.*known: num_workers"):
+        make_ordering("rr", num_worker=2, shard_size=6)
+    with pytest.raises(OrderlabError, match="not both"):
+        make_ordering("rr", spec, seed=1)
+
+
+def test_every_module_of_the_package_registers_its_orderings():
+    """An ordering is registered by being in the package: no import list to edit elsewhere."""
+    import orderlab.orderings as package
+
+    modules = {info.name for info in pkgutil.iter_modules(package.__path__)} - {"_balance", "spec"}
+    assert modules == {"grab", "pair_balance", "permutations"}
+    assert {ORDERINGS[name].__module__.rsplit(".", 1)[1] for name in ORDERINGS} == modules
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orderlab.grads import CountSketch
-from orderlab.orderings import make_ordering
+from orderlab.orderings import OrderingSpec, make_ordering
 from orderlab.server import OrderMessage, OrderServer
 from orderlab.wire import decode_payload, encode_payload
 
@@ -28,7 +28,7 @@ def test_payload_round_trip_is_the_rounded_value(payload_dtype, bytes_per_value,
 def test_server_balances_the_widened_payload(payload_dtype):
     num_workers, shard_size, dim = 2, 10, 6
     grads = torch.randn(num_workers, shard_size, dim, generator=torch.Generator().manual_seed(1))
-    server = OrderServer("cd-grab", num_workers=num_workers, shard_size=shard_size, dim=dim, seed=0)
+    server = OrderServer("cd-grab", OrderingSpec(num_workers=num_workers, shard_size=shard_size, dim=dim))
     reference = make_ordering("cd-grab", num_workers=num_workers, shard_size=shard_size, dim=dim, seed=0)
     orders = reference.begin_epoch()
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from orderlab.orderings import OrderingSpec, make_ordering
 from orderlab.orderings import _balance as balance_module
-from orderlab.orderings import make_ordering
 from orderlab.orderings._balance import PARALLEL_MIN_DIM, set_balance_threads
 from orderlab.server import OrderMessage, OrderServer
 
@@ -143,7 +143,7 @@ def assert_same_orders(got: list[np.ndarray], expected: list[np.ndarray]) -> Non
 
 
 def make_server(name: str, num_workers: int = NUM_WORKERS, shard_size: int = SHARD_SIZE, dim: int = DIM):
-    return OrderServer(name, num_workers=num_workers, shard_size=shard_size, dim=dim, seed=SEED)
+    return OrderServer(name, OrderingSpec(num_workers=num_workers, shard_size=shard_size, dim=dim, seed=SEED))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_server_threads_give_the_orders_of_one_thread(name: str) -> None:
     dim = PARALLEL_MIN_DIM + 7
     grads = random_gradients(31, 2, 2, 6, dim)
     expected = reference_orders(name, grads, SEED, np.random.default_rng(0))
-    server = OrderServer(name, num_workers=2, shard_size=6, dim=dim, seed=SEED, threads=2)
+    server = OrderServer(name, OrderingSpec(num_workers=2, shard_size=6, dim=dim, seed=SEED), threads=2)
     try:
         assert server.threads == min(2, numba.config.NUMBA_NUM_THREADS)
         got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(1)))
@@ -204,9 +204,8 @@ def test_float16_payloads_equal_rounded_float32_run(name: str) -> None:
 def test_loading_the_kernel_at_start_up_changes_no_order(name: str, payload_dtype: str) -> None:
     grads = random_gradients(23, NUM_EPOCHS, NUM_WORKERS, SHARD_SIZE, DIM)
     expected = reference_orders(name, grads, SEED, np.random.default_rng(0))
-    server = OrderServer(
-        name, num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=DIM, seed=SEED, payload_dtype=payload_dtype
-    )
+    spec = OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=DIM, seed=SEED)
+    server = OrderServer(name, spec, payload_dtype=payload_dtype)
     assert server.cursor == 0 and server.bytes_received == 0
     got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(4)))
     assert_same_orders(got, expected)
@@ -216,7 +215,7 @@ def test_loading_the_kernel_at_start_up_changes_no_order(name: str, payload_dtyp
 def test_gradient_free_orderings_need_no_push(name: str) -> None:
     ordering = make_ordering(name, num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, seed=SEED)
     expected = [ordering.begin_epoch().numpy() for _ in range(4)]
-    server = OrderServer(name, num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
+    server = OrderServer(name, OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED))
     assert not server.needs_gradients
 
     async def scenario() -> list[np.ndarray]:
@@ -399,15 +398,19 @@ def test_restore_at_epoch_boundary_continues_identically(name: str) -> None:
 
 
 def test_restore_gradient_free_ordering_continues_identically() -> None:
-    source = OrderServer("rr", num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
-    reference = OrderServer("rr", num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
+    source = OrderServer("rr", OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED))
+    reference = OrderServer(
+        "rr", OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
+    )
 
     async def scenario() -> None:
         expected = [await all_orders(reference, epoch, NUM_WORKERS) for epoch in range(4)]
         for epoch in range(2):
             await all_orders(source, epoch, NUM_WORKERS)
         state = checkpoint_round_trip(await source.snapshot())
-        fresh = OrderServer("rr", num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
+        fresh = OrderServer(
+            "rr", OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED)
+        )
         fresh.restore(state)
         for epoch in (1, 2, 3):
             np.testing.assert_array_equal(await all_orders(fresh, epoch, NUM_WORKERS), expected[epoch])
@@ -417,7 +420,9 @@ def test_restore_gradient_free_ordering_continues_identically() -> None:
 
 def test_a_server_told_its_payload_dtype_loads_the_kernel_before_any_message(monkeypatch) -> None:
     monkeypatch.setattr(balance_module, "_kernel_types", set())  # as in a fresh actor process
-    OrderServer("cd-grab", num_workers=3, shard_size=8, dim=DIM, seed=SEED, payload_dtype="float16")
+    OrderServer(
+        "cd-grab", OrderingSpec(num_workers=3, shard_size=8, dim=DIM, seed=SEED), payload_dtype="float16"
+    )
     ((dtype, ndim, contiguous, writeable, aligned),) = {
         key for types in balance_module._kernel_types for key in types
     }

@@ -16,7 +16,10 @@ Orderings that need gradients also accept worker-side reductions through ``obser
 from __future__ import annotations
 
 import hashlib
+import importlib
+import pkgutil
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 
 from orderlab.errors import OrderlabError
 from orderlab.orderings._balance import Items, PairStream, set_balance_threads, widen
+from orderlab.orderings.spec import OrderingSpec
 
 MessageKind = Literal["none", "unit_gradients", "pair_differences"]
 
@@ -78,54 +82,34 @@ def ordering_class(name: str) -> type:
     return ORDERINGS[name]
 
 
-def make_ordering(
-    name: str,
-    *,
-    num_workers: int,
-    shard_size: int,
-    dim: int = 0,
-    seed: int = 0,
-    first_epoch: str = "random",
-    balance: str = "deterministic",
-    balance_c: float = 30.0,
-) -> Ordering:
-    """Build the ordering ``name`` for ``num_workers`` shards of ``shard_size`` units each.
+def make_ordering(name: str, spec: OrderingSpec | None = None, **settings: Any) -> Ordering:
+    """Build the ordering ``name`` from ``spec``, or from the ``OrderingSpec`` fields given by keyword.
+
+    ``make_ordering("cd-grab", num_workers=4, shard_size=1000, dim=64, seed=0)`` is
+    ``make_ordering("cd-grab", OrderingSpec(num_workers=4, shard_size=1000, dim=64, seed=0))``.
 
     Args:
         name: one of ``ORDERINGS`` (with-replacement, rr, so, flipflop, grab, pair-balance, cd-grab).
-        num_workers: W, the number of data-parallel workers (>= 1).
-        shard_size: n, units per worker shard (>= 1).
-        dim: d, length of a unit's flattened gradient; required (> 0) for gradient orderings.
-        seed: experiment seed; per-worker randomness comes from (seed, rank, epoch).
-        first_epoch: ``"random"`` (a seeded permutation per worker) or ``"identity"``.
-        balance: ``"deterministic"`` (ε=+1 iff <r,v> < 0) or ``"probabilistic"`` (self-balancing walk).
-        balance_c: the probabilistic walk's constant c (> 0).
+        spec: the settings (``OrderingSpec``); or none, and its fields as keywords.
 
     Raises:
-        OrderlabError: unknown name or an invalid argument value.
+        OrderlabError: unknown name, an unknown or invalid setting, both a spec and keywords, or a
+            gradient ordering without dim.
     """
     cls = ordering_class(name)
-    if num_workers < 1:
-        raise OrderlabError(f"num_workers={num_workers} must be >= 1")
-    if shard_size < 1:
-        raise OrderlabError(f"shard_size={shard_size} must be >= 1 (units per worker)")
-    if first_epoch not in ("random", "identity"):
-        raise OrderlabError(f"ordering.first_epoch={first_epoch!r} is unknown; known: identity, random")
-    if balance not in ("deterministic", "probabilistic"):
-        raise OrderlabError(f"ordering.balance={balance!r} is unknown; known: deterministic, probabilistic")
-    if balance_c <= 0:
-        raise OrderlabError(f"ordering.balance_c={balance_c} must be > 0")
-    if cls.needs_gradients and dim < 1:
-        raise OrderlabError(f"ordering {name!r} needs gradients: dim={dim} must be >= 1")
-    return cls(
-        num_workers=num_workers,
-        shard_size=shard_size,
-        dim=dim,
-        seed=seed,
-        first_epoch=first_epoch,
-        balance=balance,
-        balance_c=balance_c,
-    )
+    if spec is None:
+        unknown = sorted(set(settings) - {f.name for f in fields(OrderingSpec)})
+        if unknown:
+            known = ", ".join(f.name for f in fields(OrderingSpec))
+            raise OrderlabError(f"make_ordering: unknown setting(s) {', '.join(unknown)}; known: {known}")
+        spec = OrderingSpec(**settings)
+    elif settings:
+        raise OrderlabError(
+            f"make_ordering: give a spec or settings by keyword, not both ({', '.join(settings)})"
+        )
+    if cls.needs_gradients and spec.dim < 1:
+        raise OrderlabError(f"ordering {name!r} needs gradients: dim={spec.dim} must be >= 1")
+    return cls(spec)
 
 
 def order_digest(orders: np.ndarray) -> str:
@@ -133,13 +117,16 @@ def order_digest(orders: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64)).hexdigest()
 
 
-# registration happens on import; keep these after the registry
-from orderlab.orderings import grab, pair_balance, permutations  # noqa: E402,F401
+# an ordering registers itself by being a module of this package (imported here, after the registry)
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name != "spec":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ORDERINGS",
     "MessageKind",
     "Ordering",
+    "OrderingSpec",
     "PairStream",
     "make_ordering",
     "order_digest",

@@ -21,6 +21,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from orderlab.errors import OrderlabError
+from orderlab.orderings.spec import OrderingSpec
 from orderlab.seeding import BALANCE, ORDER, rng_for
 
 
@@ -403,28 +404,17 @@ class BalancingEpochs:
     and how many items of the epoch have been balanced.
     """
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        num_workers: int,
-        shard_size: int,
-        dim: int,
-        seed: int,
-        first_epoch: str,
-        balance: str,
-        balance_c: float,
-        num_sums: int,
-        items_per_epoch: int,
-    ) -> None:
-        self.name, self.num_workers, self.shard_size = name, num_workers, shard_size
-        self.seed, self.first_epoch, self.items_per_epoch = seed, first_epoch, items_per_epoch
-        self.sign = SignRule(balance=balance, balance_c=balance_c, seed=seed, num_sums=num_sums)
-        self.running_sum = torch.zeros(num_sums, dim, dtype=torch.float32)
+    def __init__(self, name: str, spec: OrderingSpec, *, num_sums: int, items_per_epoch: int) -> None:
+        self.name, self.num_workers, self.shard_size = name, spec.num_workers, spec.shard_size
+        self.seed, self.first_epoch, self.items_per_epoch = spec.seed, spec.first_epoch, items_per_epoch
+        self.sign = SignRule(
+            balance=spec.balance, balance_c=spec.balance_c, seed=spec.seed, num_sums=num_sums
+        )
+        self.running_sum = torch.zeros(num_sums, spec.dim, dtype=torch.float32)
         self.epoch = -1
-        self.orders = torch.empty(num_workers, 0, dtype=torch.long)
+        self.orders = torch.empty(spec.num_workers, 0, dtype=torch.long)
         self.visit = self.orders.numpy()
-        self.next = NextOrder(num_workers, shard_size)
+        self.next = NextOrder(spec.num_workers, spec.shard_size)
         self.done = 0  # items balanced this epoch
 
     def advance(self, complete: bool) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from orderlab.orderings import register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, rank_arrays
+from orderlab.orderings.spec import OrderingSpec
 
 
 @register_ordering("grab")
@@ -21,40 +22,20 @@ class MeanBalance:
     """Per worker: c = g - μ (μ = last epoch's mean gradient, 0 at first); ε=+1 puts the unit at L.
 
     Args:
-        num_workers: W. shard_size: n units per worker. dim: d, gradient length.
-        seed: experiment seed. first_epoch: "random" | "identity".
-        balance: "deterministic" | "probabilistic". balance_c: the walk's constant c.
+        spec: W, n units per worker, d, the seed, the first epoch's rule and the sign rule.
     """
 
     name = "grab"
     needs_gradients = True
     message_kind = "unit_gradients"
 
-    def __init__(
-        self,
-        *,
-        num_workers: int,
-        shard_size: int,
-        dim: int,
-        seed: int,
-        first_epoch: str,
-        balance: str,
-        balance_c: float,
-    ) -> None:
-        self.num_workers, self.shard_size, self.dim = num_workers, shard_size, dim
-        self.items_per_epoch = shard_size
+    def __init__(self, spec: OrderingSpec) -> None:
+        self.num_workers, self.shard_size, self.dim = spec.num_workers, spec.shard_size, spec.dim
+        self.items_per_epoch = spec.shard_size
         self.state = BalancingEpochs(
-            self.name,
-            num_workers=num_workers,
-            shard_size=shard_size,
-            dim=dim,
-            seed=seed,
-            first_epoch=first_epoch,
-            balance=balance,
-            balance_c=balance_c,
-            num_sums=num_workers,
-            items_per_epoch=shard_size,
+            self.name, spec, num_sums=spec.num_workers, items_per_epoch=spec.shard_size
         )
+        num_workers, dim = spec.num_workers, spec.dim
         self.stale_mean = torch.zeros(num_workers, dim, dtype=torch.float32)
         self.gradient_sum = torch.zeros(num_workers, dim, dtype=torch.float32)
 

@@ -14,6 +14,7 @@ import torch
 
 from orderlab.orderings import register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, PairStream, rank_arrays
+from orderlab.orderings.spec import OrderingSpec
 
 
 def _unit_tensor(grads: Items, num_workers: int, dim: int) -> torch.Tensor:
@@ -46,9 +47,7 @@ class PairBalance:
     worker takes its middle slot.
 
     Args:
-        num_workers: W. shard_size: n units per worker. dim: d, gradient length.
-        seed: experiment seed. first_epoch: "random" | "identity".
-        balance: "deterministic" | "probabilistic". balance_c: the walk's constant c.
+        spec: W, n units per worker, d, the seed, the first epoch's rule and the sign rule.
     """
 
     name = "pair-balance"
@@ -56,28 +55,13 @@ class PairBalance:
     needs_gradients = True
     message_kind = "pair_differences"
 
-    def __init__(
-        self,
-        *,
-        num_workers: int,
-        shard_size: int,
-        dim: int,
-        seed: int,
-        first_epoch: str,
-        balance: str,
-        balance_c: float,
-    ) -> None:
+    def __init__(self, spec: OrderingSpec) -> None:
+        num_workers, shard_size, dim = spec.num_workers, spec.shard_size, spec.dim
         self.num_workers, self.shard_size, self.dim = num_workers, shard_size, dim
         self.items_per_epoch = shard_size // 2
         self.state = BalancingEpochs(
             self.name,
-            num_workers=num_workers,
-            shard_size=shard_size,
-            dim=dim,
-            seed=seed,
-            first_epoch=first_epoch,
-            balance=balance,
-            balance_c=balance_c,
+            spec,
             num_sums=1 if self.coordinated else num_workers,
             items_per_epoch=self.items_per_epoch,
         )

@@ -8,6 +8,7 @@ import torch
 
 from orderlab.orderings import register_ordering
 from orderlab.orderings._balance import first_epoch_orders, random_permutation
+from orderlab.orderings.spec import OrderingSpec
 from orderlab.seeding import ORDER, rng_for
 
 
@@ -15,8 +16,7 @@ class PermutationOrdering:
     """Shared epoch bookkeeping of the gradient-free orderings; a subclass gives ``orders_for_epoch``.
 
     Args:
-        num_workers: W. shard_size: n. seed: experiment seed. first_epoch: "random" or "identity".
-        dim, balance, balance_c: accepted for a uniform constructor, unused.
+        spec: W, n, the seed and the first epoch's rule (dim and the balancing settings are unused).
     """
 
     name = ""
@@ -24,13 +24,13 @@ class PermutationOrdering:
     message_kind = "none"
     items_per_epoch = 0
 
-    def __init__(self, *, num_workers: int, shard_size: int, seed: int, first_epoch: str, **_unused: Any):
-        self.num_workers = num_workers
-        self.shard_size = shard_size
-        self.seed = seed
-        self.first_epoch = first_epoch
+    def __init__(self, spec: OrderingSpec) -> None:
+        self.num_workers = spec.num_workers
+        self.shard_size = spec.shard_size
+        self.seed = spec.seed
+        self.first_epoch = spec.first_epoch
         self.epoch = -1
-        self.orders = torch.empty(num_workers, 0, dtype=torch.long)
+        self.orders = torch.empty(spec.num_workers, 0, dtype=torch.long)
 
     def orders_for_epoch(self, epoch: int) -> torch.Tensor:
         raise AssertionError("subclasses define orders_for_epoch")
