@@ -224,7 +224,8 @@ class EpochTimes:
     epoch_seconds: float = 0.0
     compute_seconds: float = 0.0
     allreduce_seconds: float = 0.0
-    order_wait_seconds: float = 0.0
+    order_wait_seconds: float = 0.0  # for the epoch's order
+    send_wait_seconds: float = 0.0  # for room to send (the in-flight bound, a ring slot) and the flush
 
 
 def fires_once(
@@ -245,7 +246,7 @@ class Workers(Protocol):
     ranks: range  # the ranks this process computes
     writes_results: bool  # this process writes the epoch rows and checkpoints (rank 0's role)
     bytes_sent: int  # bytes of ordering inputs sent to the order server this epoch (this process)
-    wait_seconds: float  # seconds this epoch waited on the order server (in-flight bound, flush)
+    wait_seconds: float  # seconds this epoch waited to send to the order server (in-flight bound, flush)
 
     def start(self, state: dict[str, Any] | None) -> None:
         """Begin a run of the loop from checkpoint ``state`` (None: from scratch)."""
@@ -389,7 +390,7 @@ class TrainingLoop:
         times.compute_seconds -= self.workers.wait_seconds  # waits on the in-flight bound are not compute
         if diverged is None:
             self.workers.finish_steps()
-        times.order_wait_seconds += self.workers.wait_seconds
+        times.send_wait_seconds = self.workers.wait_seconds
         times.epoch_seconds = time.perf_counter() - started
         return times, diverged
 

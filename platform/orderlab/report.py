@@ -9,7 +9,7 @@ orderings by ``LEGEND_LABELS``:
 - ``herding.png``: the parallel herding bound by epoch, only when ``epochs.herding`` has values;
 - ``final_vs_<axis>.png``: each trial's final train loss (and final herding bound, when measured)
   against the swept numeric axis (``swept_axis``), only when the trials vary one;
-- ``time_breakdown.png``: mean seconds per epoch, stacked: compute, all-reduce, order wait, other.
+- ``time_breakdown.png``: mean seconds per epoch, stacked: compute, all-reduce, order wait, send wait, other.
 
 matplotlib draws through its Agg canvas directly (no pyplot), so a report never changes the
 caller's matplotlib backend or global state.
@@ -43,7 +43,8 @@ TIME_PARTS = (
     ("compute_seconds", "compute", "#4c72b0"),
     ("allreduce_seconds", "all-reduce", "#dd8452"),
     ("order_wait_seconds", "order wait", "#c44e52"),
-    ("other", "other (epoch s − the three)", "#bbbbbb"),
+    ("send_wait_seconds", "send wait", "#8172b3"),
+    ("other", "other (epoch s − the rest)", "#bbbbbb"),
 )
 # Legend names: the ordering and the name its paper gives it; others show the ordering name.
 LEGEND_LABELS = {
@@ -244,10 +245,10 @@ def _time_figure(rows: pd.DataFrame, order: list[str]) -> Figure:
     figure, axes = _new_figure(len(facets), 1)
     for (title, part), (panel,) in zip(facets, axes, strict=True):
         means = part.groupby("ordering")[
-            ["epoch_seconds", "compute_seconds", "allreduce_seconds", "order_wait_seconds"]
+            ["epoch_seconds", *(column for column, _, _ in TIME_PARTS[:-1])]
         ].mean()
         means = means.loc[[o for o in order if o in means.index]]
-        parts = means[[c for c, _, _ in TIME_PARTS[:3]]].fillna(0.0)
+        parts = means[[c for c, _, _ in TIME_PARTS[:-1]]].fillna(0.0)
         means["other"] = (means["epoch_seconds"] - parts.sum(axis=1)).clip(lower=0.0).fillna(0.0)
         bottom = np.zeros(len(means))
         names = [legend_label(o) for o in means.index]

@@ -60,7 +60,9 @@ EPOCHS_SCHEMA = pa.schema([
     ("train_loss", _F64),  # full pass at fixed weights
     ("val_loss", _F64), ("val_metric", _F64), ("val_metric_name", _STR), ("lr", _F64),
     ("epoch_seconds", _F64), ("compute_seconds", _F64), ("allreduce_seconds", _F64),
-    ("order_wait_seconds", _F64), ("bytes_to_server", _I64),
+    ("order_wait_seconds", _F64),
+    ("send_wait_seconds", _F64),  # waiting for room to send to the order server, and the epoch's flush
+    ("bytes_to_server", _I64),
     ("herding", _F64),  # parallel herding bound of the epoch, when measured
     ("order_digest", _STR),  # sha256 of the epoch's orders of all workers: equal digests, equal orders
 ])
