@@ -429,7 +429,9 @@ def sweep(
     base_cfg = validate(base)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
-        lambda point: {"CPU": base_cfg.with_overrides(point).trial_cpus, **head},
+        lambda point: tune.PlacementGroupFactory(
+            [{"CPU": base_cfg.with_overrides(point).trial_cpus, **head}]
+        ),
     )
     # a simulated trial is its own worker group: Tune retries it from its last checkpoint
     retries = max((p.train.max_failures for p in points if p.train.backend == "simulated"), default=0)
