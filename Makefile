@@ -50,6 +50,7 @@ bench: setup
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check platform tasks tests benchmarks
 	$(BIN)/ruff format --check platform tasks tests benchmarks
+	$(BIN)/mypy
 
 # Re-resolve $(CONSTRAINTS) from pyproject.toml's ranges with pip-tools in a throwaway venv: the newest
 # versions that fit (`make lock LOCK_ARGS=` keeps the pins that still fit). Then `make test` and commit.

@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numba
 import numpy as np
@@ -55,7 +55,7 @@ from numba import types
 from numba.extending import intrinsic
 
 #: the numpy array each ``payload_dtype`` travels as (``orderlab.server.to_wire``: bfloat16 as its int16 bits)
-WIRE_DTYPES = {
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(np.int16),
@@ -72,7 +72,7 @@ _MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux 5.14); Python's mmap module nam
 
 
 @intrinsic
-def _fence(typingctx: Any) -> Any:  # pragma: no cover - compiled by numba
+def _fence_ir(typingctx: Any) -> Any:  # pragma: no cover - compiled by numba
     """LLVM's ``fence seq_cst``."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
@@ -80,6 +80,11 @@ def _fence(typingctx: Any) -> Any:  # pragma: no cover - compiled by numba
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+#: ``_fence_ir`` as jitted code calls it, without the typing context (numba's types describe a call
+#: from Python, which raises)
+_fence = cast("Callable[[], None]", _fence_ir)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -151,6 +151,7 @@ def submit(
         stopped = jobs.stop_job(address, stop)
         print(f"job {stop}: {'stop requested' if stopped else 'had already ended'}")
     else:
+        assert config is not None  # the check above: CONFIG, or one of the job options
         outcome = jobs.submit(config, set_ or [], address=address, wait=wait)
         if outcome.status not in (None, "SUCCEEDED"):
             raise typer.Exit(1)

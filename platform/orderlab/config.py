@@ -332,7 +332,9 @@ class ExperimentConfig(BaseModel):
             if not values:
                 raise _field_error(axis, values, "needs at least one value")
             if _is_section_axis(axis) and not all(isinstance(value, Mapping) for value in values):
-                reason = f"a section as an axis takes mappings of its keys, e.g. [{{{next(iter(_model_at(axis.split('.')).model_fields))}: ...}}]"
+                section = _model_at(axis.split("."))
+                assert section is not None  # _is_section_axis: a section's model
+                reason = f"a section as an axis takes mappings of its keys, e.g. [{{{next(iter(section.model_fields))}: ...}}]"
                 raise _field_error(axis, values, reason)
         return sweep
 

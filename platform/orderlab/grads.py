@@ -117,7 +117,7 @@ def _linear_per_example_gradients(
         tuple[nn.Linear, torch.Tensor, torch.Tensor]
     ] = []  # every call: a layer may run several times
 
-    def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def keep(module: nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         calls.append((module, args[0].detach(), output))
 
     hooks = [layer.register_forward_hook(keep) for layer in layers]
@@ -176,7 +176,14 @@ def microbatch_gradient(
     model.zero_grad(set_to_none=True)
     loss, losses = group_loss(loss_fn, model(inputs), targets, groups)
     loss.backward()
-    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    # a parameter the forward pass did not use has no .grad: zeros, as per_example_gradients gives
+    flat = torch.cat(
+        [
+            p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+    )
     return flat.to(torch.float32), losses.to(torch.float32)
 
 

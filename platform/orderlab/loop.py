@@ -200,8 +200,8 @@ class Shard:
     def batch(self, units: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of ``units``, int64 [len(ranks), k] local unit indices of each rank:
         rank-major, each rank's in that order."""
-        units = torch.from_numpy(np.ascontiguousarray(units))
-        return self._rows(units + torch.arange(len(self.ranks)).unsqueeze(1) * self.shard_size)
+        local = torch.from_numpy(np.ascontiguousarray(units))
+        return self._rows(local + torch.arange(len(self.ranks)).unsqueeze(1) * self.shard_size)
 
     def rank_batch(self, index: int, units: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of the ``index``-th rank's local ``units`` (int64 [k]), in that order."""
@@ -245,8 +245,14 @@ class Workers(Protocol):
 
     ranks: range  # the ranks this process computes
     writes_results: bool  # this process writes the epoch rows and checkpoints (rank 0's role)
-    bytes_sent: int  # bytes of ordering inputs sent to the order server this epoch (this process)
-    wait_seconds: float  # seconds this epoch waited to send to the order server (in-flight bound, flush)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of ordering inputs sent to the order server this epoch (this process)."""
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this epoch waited to send to the order server (in-flight bound, flush)."""
 
     def start(self, state: dict[str, Any] | None) -> None:
         """Begin a run of the loop from checkpoint ``state`` (None: from scratch)."""
@@ -414,7 +420,8 @@ class TrainingLoop:
         ):
             with self.rank_states.of_rank(index):
                 parts.append(self.gradients(rank_inputs, rank_targets, groups=1))
-        unit_grads = None if parts[0][0] is None else torch.cat([grads for grads, _ in parts])
+        rank_grads = [grads for grads, _ in parts if grads is not None]  # every rank's, or none
+        unit_grads = torch.cat(rank_grads) if rank_grads else None
         return unit_grads, torch.stack([reduced for _, reduced in parts]).sum(dim=0)
 
     def gradients(
@@ -426,8 +433,8 @@ class TrainingLoop:
             unit_grads = grads.view(groups, -1, grads.shape[1])
             return unit_grads, torch.cat([unit_grads.mean(dim=1).sum(dim=0), losses.sum().view(1)])
         grad, losses = microbatch_gradient(self.model, self.task.loss, inputs, targets, groups)
-        unit_grads = grad.view(1, 1, -1) if self.plan.needs_gradients else None
-        return unit_grads, torch.cat([grad, losses.sum().view(1)])
+        microbatch_grads = grad.view(1, 1, -1) if self.plan.needs_gradients else None
+        return microbatch_grads, torch.cat([grad, losses.sum().view(1)])
 
     def inject_faults(self, epoch: int, step: int) -> None:
         """Test-only faults of ``cfg.faults``, each at most once per trial."""

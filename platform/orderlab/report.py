@@ -147,9 +147,9 @@ def _facets(rows: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str
 
 def _colors(orderings: list[str], baseline: str) -> dict[str, Any]:
     """One fixed color per ordering across all figures, the baseline first and black."""
-    from matplotlib import colormaps
+    from matplotlib.colors import TABLEAU_COLORS
 
-    palette = colormaps["tab10"].colors
+    palette = list(TABLEAU_COLORS.values())  # tab10's colors
     others = [o for o in sorted(orderings) if o != baseline]
     colors: dict[str, Any] = {baseline: "black"} if baseline in orderings else {}
     colors.update({o: palette[i % len(palette)] for i, o in enumerate(others)})

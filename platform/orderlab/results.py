@@ -421,7 +421,7 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
         df = con.execute(sql, {"sweep": sweep}).df()
         curves = con.execute(_completed_epochs_sql(), {"sweep": sweep}).df()
     runs = _runs_by_ordering(curves)
-    columns = {name: [] for name in _STAT_COLUMNS}
+    columns: dict[str, list[float]] = {name: [] for name in _STAT_COLUMNS}
     for key, ordering in zip(df[list(GROUP_COLUMNS)].itertuples(index=False), df["ordering"], strict=True):
         group_key = _group_key(key)
         empty = stats.Runs(np.empty((0, 0)), np.empty((0, 0)), np.empty(0))

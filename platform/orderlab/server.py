@@ -104,6 +104,7 @@ class OrderServer:
         self.ordering = make_ordering(self._ordering_name, self.spec)
         self.orders: dict[int, np.ndarray] = {}
         self.digests: dict[int, str] = {}
+        self.pending: list[dict[int, np.ndarray]]  # per rank, its received items by start (_advance)
         self.epoch = -1  # the epoch whose items are being applied
         self._advance()
         self.bytes_received = 0

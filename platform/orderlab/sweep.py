@@ -20,15 +20,14 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
-from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orderlab import results
@@ -42,6 +41,16 @@ from orderlab.simulated import run_simulated_trial
 from orderlab.source import source_commit
 from orderlab.tasks import load_task_data, make_task, resolve_data_dir
 from orderlab.worker import train_loop
+
+if TYPE_CHECKING:
+    # ray.train and ray.train.torch bind these names to Ray Train v2's classes at run time only (when
+    # ray.train.v2's is_v2_enabled(), the default), so a type checker sees v1's; v2 is what runs
+    # here (Result.return_value, TuneReportCallback)
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+else:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
 #: environment for every Ray process of a sweep; RAY_TRAIN_* reach the Train controller and workers
 RAY_ENV = {
@@ -211,7 +220,8 @@ def ray_train_trial(
 ) -> dict[str, Any]:
     """One trial on Ray Train: the trial's order server and a ``TorchTrainer`` of ``num_workers``
     workers; returns rank 0's outcome (status, node ids, test metrics) and sets ``row``'s server node."""
-    server = RemoteOrderServer.remote(
+    # Any: Ray types an actor's methods with .remote only when they are decorated with @ray.method
+    server: Any = RemoteOrderServer.remote(
         cfg.ordering.name,
         ordering_spec(cfg, plan),
         threads=cfg.ordering.server_threads,
@@ -234,7 +244,7 @@ def ray_train_trial(
             resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
             placement_strategy=resources.placement_strategy,
         ),
-        run_config=ray.train.RunConfig(
+        run_config=RunConfig(
             name=f"train-{trial_id}",
             storage_path=f"{fs_root}/_train/{cfg.name}",
             storage_filesystem=fs,
@@ -245,7 +255,8 @@ def ray_train_trial(
     )
     row["server_node_id"] = ray.get(server.node_id.remote())
     try:
-        return trainer.fit().return_value  # status completed or diverged, node ids
+        # status completed or diverged, node ids; Ray's v2 fit() is typed with v1's Result (see the imports)
+        return trainer.fit().return_value  # type: ignore[attr-defined]
     finally:
         ray.kill(server)
 
@@ -488,7 +499,7 @@ def run(
     return sweep(cfg.with_overrides({"sweep": {}}), address=address, verbose=verbose)
 
 
-class _CallableModule(type(sys)):
+class _CallableModule(ModuleType):
     """Lets ``orderlab.sweep(...)`` (the public contract) call ``sweep`` while staying a module."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:

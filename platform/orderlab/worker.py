@@ -145,7 +145,7 @@ class ServerMessenger:
                 dtype=PAYLOAD_DTYPES[self.payload_dtype],
                 device=device,
             )
-            if self.rows_buffered:
+            if self.send_buffer is not None and self.rows_buffered:
                 grown[: self.rows_buffered] = self.send_buffer[: self.rows_buffered]
             self.send_buffer = grown
         self.rows_buffered += count
@@ -205,6 +205,7 @@ class ServerMessenger:
 
     def _check_ring(self) -> None:
         """Called while waiting on the ring: raise when the server no longer reads it."""
+        assert self.ring is not None  # only the ring's waits call this
         if not ray.get(self.server.has_ring.remote(self.rank, self.ring.path)):
             raise OrderServerRestarted(
                 f"worker {self.rank}: the order server no longer reads this worker's ring (Ray restarted it)"
@@ -215,6 +216,7 @@ class ServerMessenger:
         if not self.rows_buffered:
             return
         rows, self.rows_buffered = self.rows_buffered, 0
+        assert self.send_buffer is not None  # it holds the rows buffered
         items = to_wire(self.send_buffer[:rows])  # one device-to-host copy on GPUs
         if self.ring is not None:
             self.ring.publish(
@@ -330,7 +332,7 @@ class RayTrainWorkers:
         rows = grads[0]
         gathered = [torch.empty_like(rows) for _ in range(self.plan.num_workers)] if self.rank == 0 else None
         dist.gather(rows, gathered, dst=0)
-        return torch.stack(gathered) if self.rank == 0 else None
+        return torch.stack(gathered) if gathered is not None else None  # rank 0
 
     def order_digest(self, epoch: int) -> str:
         return ray.get(self.server.order_digest.remote(epoch))

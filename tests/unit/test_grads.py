@@ -171,6 +171,11 @@ def test_a_linear_layer_the_forward_pass_skips_gets_zero_gradients() -> None:
     assert torch.count_nonzero(grads[:, -unused:]) == 0
     expected, _ = per_example_gradients(model, loss_fn, inputs, targets)
     torch.testing.assert_close(grads[:, :-unused], expected, atol=0, rtol=0)
+    # the microbatch gradient too (its parameters get no .grad from backward)
+    grad, _ = microbatch_gradient(wrapped, loss_fn, inputs, targets)
+    assert torch.count_nonzero(grad[-unused:]) == 0
+    expected_grad, _ = microbatch_gradient(model, loss_fn, inputs, targets)
+    torch.testing.assert_close(grad[:-unused], expected_grad, atol=0, rtol=0)
 
 
 def test_num_parameters() -> None:

@@ -20,7 +20,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,7 +43,13 @@ class Ordering(Protocol):
     message_kind: MessageKind
     #: items one worker sends per epoch: shard_size units, or shard_size // 2 pairs, or 0
     items_per_epoch: int
-    epoch: int
+
+    def __init__(self, spec: OrderingSpec) -> None: ...
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch: -1 before the first ``begin_epoch``."""
+        ...
 
     def begin_epoch(self) -> torch.Tensor: ...
 
@@ -56,13 +62,14 @@ class Ordering(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-ORDERINGS: dict[str, type] = {}
+ORDERINGS: dict[str, type[Ordering]] = {}
+_OrderingClass = TypeVar("_OrderingClass", bound=type[Ordering])
 
 
-def register_ordering(name: str) -> Callable[[type], type]:
+def register_ordering(name: str) -> Callable[[_OrderingClass], _OrderingClass]:
     """Class decorator adding an ordering to the registry under ``name``."""
 
-    def add(cls: type) -> type:
+    def add(cls: _OrderingClass) -> _OrderingClass:
         if name in ORDERINGS:
             raise ValueError(f"ordering {name!r} is registered twice")
         ORDERINGS[name] = cls
@@ -71,7 +78,7 @@ def register_ordering(name: str) -> Callable[[type], type]:
     return add
 
 
-def ordering_class(name: str) -> type:
+def ordering_class(name: str) -> type[Ordering]:
     """The registered class for ``name``.
 
     Raises:
@@ -114,7 +121,7 @@ def make_ordering(name: str, spec: OrderingSpec | None = None, **settings: Any) 
 
 def order_digest(orders: np.ndarray) -> str:
     """sha256 of an epoch's orders (int64 [num_workers, shard_size]): equal digests, equal orders."""
-    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(orders, dtype=np.int64).data).hexdigest()
 
 
 # an ordering registers itself by being a module of this package (imported here, after the registry)

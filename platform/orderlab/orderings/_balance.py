@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FunctionType
-from typing import Any
+from typing import Any, cast
 
 import numba
 import numpy as np
@@ -55,7 +55,8 @@ def set_balance_threads(threads: int) -> int:
     global _balance_threads
     if threads < 1:
         raise OrderlabError(f"ordering.server_threads={threads} must be ≥ 1")
-    _balance_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    # numba.config sets its settings through globals(), which a type checker cannot see
+    _balance_threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     return _balance_threads
 
 
@@ -132,7 +133,7 @@ class SignRule:
 
 
 @intrinsic
-def _to_float32(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compiled by numba
+def _to_float32_ir(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compiled by numba
     """One item coordinate as float32: float32 as is, uint16 as float16 bits, int16 as bfloat16 bits."""
     if value not in (types.float32, types.uint16, types.int16):
         return None
@@ -149,8 +150,13 @@ def _to_float32(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compil
     return types.float32(value), codegen
 
 
+#: the intrinsics as jitted code calls them, without the typing context (numba's types describe a
+#: call from Python, which raises)
+_to_float32 = cast("Callable[[Any], np.float32]", _to_float32_ir)
+
+
 @intrinsic
-def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:  # pragma: no cover - compiled by numba
+def _prefetch_ir(typingctx: Any, array: Any, index: Any) -> Any:  # pragma: no cover - compiled by numba
     """Ask the CPU to bring the cache line of ``array[index]`` into all cache levels (``llvm.prefetch``:
     a hint, no fault and no effect on results, also past the end of a mapping)."""
     if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
@@ -168,6 +174,9 @@ def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:  # pragma: no cove
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+_prefetch = cast("Callable[[np.ndarray, int], None]", _prefetch_ir)
 
 
 @numba.njit(inline="always")

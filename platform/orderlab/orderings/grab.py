@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from orderlab.orderings import register_ordering
+from orderlab.orderings import MessageKind, register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, rank_arrays
 from orderlab.orderings.spec import OrderingSpec
 
@@ -27,7 +27,7 @@ class MeanBalance:
 
     name = "grab"
     needs_gradients = True
-    message_kind = "unit_gradients"
+    message_kind: MessageKind = "unit_gradients"
 
     def __init__(self, spec: OrderingSpec) -> None:
         self.num_workers, self.shard_size, self.dim = spec.num_workers, spec.shard_size, spec.dim

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orderlab.orderings import register_ordering
+from orderlab.orderings import MessageKind, register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, PairStream, rank_arrays
 from orderlab.orderings.spec import OrderingSpec
 
@@ -53,7 +53,7 @@ class PairBalance:
     name = "pair-balance"
     coordinated = False
     needs_gradients = True
-    message_kind = "pair_differences"
+    message_kind: MessageKind = "pair_differences"
 
     def __init__(self, spec: OrderingSpec) -> None:
         num_workers, shard_size, dim = spec.num_workers, spec.shard_size, spec.dim

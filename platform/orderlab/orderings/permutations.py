@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from orderlab.orderings import register_ordering
-from orderlab.orderings._balance import first_epoch_orders, random_permutation
+from orderlab.orderings import MessageKind, register_ordering
+from orderlab.orderings._balance import Items, first_epoch_orders, random_permutation
 from orderlab.orderings.spec import OrderingSpec
 from orderlab.seeding import ORDER, rng_for
 
@@ -21,7 +21,7 @@ class PermutationOrdering:
 
     name = ""
     needs_gradients = False
-    message_kind = "none"
+    message_kind: MessageKind = "none"
     items_per_epoch = 0
 
     def __init__(self, spec: OrderingSpec) -> None:
@@ -44,7 +44,7 @@ class PermutationOrdering:
             self.orders = self.orders_for_epoch(self.epoch)
         return self.orders.clone()
 
-    def observe(self, grads: torch.Tensor) -> None:
+    def observe(self, grads: Items) -> None:
         raise RuntimeError(f"ordering {self.name!r} needs no gradients; do not send any")
 
     observe_items = observe
