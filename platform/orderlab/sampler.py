@@ -96,7 +96,7 @@ def plan_shards(
         )
     if num_replicas < 1 or not 0 <= rank < num_replicas:
         raise OrderlabError(f"rank={rank} must be in 0..num_replicas-1 with num_replicas={num_replicas} >= 1")
-    unit_size = microbatch_size if unit == "microbatch" else 1
+    unit_size = microbatch_size if unit == "microbatch" and microbatch_size is not None else 1
     units_per_step = 1
     if batch_size is not None:
         if batch_size < 1 or batch_size % unit_size:
@@ -246,7 +246,8 @@ class OrderedSampler(Sampler):
         if self.rank_local:
             first = make_ordering(ordering, **self._spec(plan.num_replicas, 1, rules[0])).begin_epoch()
             self.relabel = first[plan.rank].numpy()
-        self.pairs, self.sketch, self.pair_buffer = PairStream(), None, torch.empty(0, 0)
+        self.pairs, self.pair_buffer = PairStream(), torch.empty(0, 0)
+        self.sketch: CountSketch | None = None  # made at the first rows, on their device
         self.passes, self.pass_id, self.pass_ended, self.resume = 0, 0, False, False
         self.requested_epoch: int | None = None
 
