@@ -48,8 +48,8 @@ bench: setup
 	$(BIN)/python benchmarks/herding_vs_workers.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check platform tasks tests benchmarks
-	$(BIN)/ruff format --check platform tasks tests benchmarks
+	$(BIN)/ruff check platform tasks tests benchmarks examples
+	$(BIN)/ruff format --check platform tasks tests benchmarks examples
 	$(BIN)/mypy
 
 # Re-resolve $(CONSTRAINTS) from pyproject.toml's ranges with pip-tools in a throwaway venv: the newest
