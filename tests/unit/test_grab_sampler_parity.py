@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from orderlab.orderings import make_ordering
+from orderlab.sampler import OrderedSampler
 
 _stub_torch_sparse = (
     importlib.util.find_spec("grabsampler") is not None and importlib.util.find_spec("torch_sparse") is None
@@ -97,5 +98,33 @@ def test_orders_match_grab_sampler_with_fixed_vectors(name):
     vectors = [fixed] * 5
     theirs = reference_orders(name, vectors, 4)
     ours = orderlab_orders(name, vectors, 4)
+    for epoch, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert a.tolist() == b.tolist(), f"epoch {epoch}"
+
+
+def sampler_orders(name, vectors_per_epoch, chunk):
+    """``orderlab.sampler.OrderedSampler``'s orders (one pass per epoch, ``observe`` in chunks)."""
+    n = len(vectors_per_epoch[0])
+    sampler = OrderedSampler(n, name, seed=0, first_epoch="identity")
+    out = []
+    for vectors in vectors_per_epoch:
+        order = torch.tensor(list(sampler))
+        out.append(order)
+        for start in range(0, n, chunk):
+            sampler.observe(vectors[order[start : start + chunk]])
+    out.append(torch.tensor(list(sampler)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["grab", "pair-balance"])
+@pytest.mark.parametrize("n,d", [(2, 1), (32, 5), (100, 16)])
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_ordered_sampler_gives_grab_sampler_orders(name, n, d, chunk):
+    """The drop-in sampler at W = 1 (issue 20, item 3): grab-sampler's orders on the same gradients."""
+    rng = np.random.default_rng(n * 1000 + d + 1)
+    vectors = list(torch.from_numpy(rng.standard_normal((NUM_EPOCHS, n, d)).astype(np.float32)))
+    theirs = reference_orders(name, vectors, chunk)
+    ours = sampler_orders(name, vectors, chunk)
+    assert len(ours) == NUM_EPOCHS + 1
     for epoch, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         assert a.tolist() == b.tolist(), f"epoch {epoch}"
