@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/sketch_quality.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/backends.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/herding_vs_workers.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/sampler_overhead.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check platform tasks tests benchmarks examples
