@@ -13,6 +13,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from orderlab.config import load_config
 from orderlab.errors import OrderlabError
-from orderlab.grads import CountSketch
-from orderlab.orderings import ORDERINGS, PairStream, make_ordering
+from orderlab.grads import CountSketch, num_parameters
+from orderlab.loop import TrainingLoop, build_model, plan_trial
+from orderlab.orderings import ORDERINGS, PairStream, make_ordering, ordering_class
 from orderlab.sampler import (
     DistributedOrderedSampler,
     OrderedSampler,
@@ -34,6 +37,8 @@ from orderlab.sampler import (
     per_example_gradients,
     plan_shards,
 )
+from orderlab.simulated import SimulatedWorkers
+from orderlab.tasks import load_task_data, make_task
 
 DIM = 6
 GRADIENT_ORDERINGS = sorted(name for name, cls in ORDERINGS.items() if cls.needs_gradients)
@@ -370,10 +375,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_distributed_sampler_in_gloo_processes_gives_orderlab_orders(tmp_path, world):
+def run_ranks(main: Any, world: int, out_dir: Path) -> list[Any]:
+    """Run ``main(rank, world, port, out_dir)`` in ``world`` spawned processes (120 s at most); each
+    rank's ``out_dir/rank{r}.pt``."""
     context = mp.start_processes(
-        _rank_main, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+        main, args=(world, free_port(), str(out_dir)), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 120
     try:
@@ -383,7 +389,12 @@ def test_distributed_sampler_in_gloo_processes_gives_orderlab_orders(tmp_path, w
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_sampler_in_gloo_processes_gives_orderlab_orders(tmp_path, world):
+    results = run_ranks(_rank_main, world, tmp_path)
     for label, case in CASES.items():
         settings = {k: v for k, v in case.items() if k not in ("ordering", "sketch_dim", "payload_dtype")}
         if "sketch_dim" in case:
@@ -468,3 +479,69 @@ def test_batch_sampler_with_microbatch_units_and_loader_workers(data_dir):
 def test_the_sampler_imports_no_ray():
     code = "import sys, orderlab.sampler; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----- against the platform's own trial ------------------------------------------------------
+
+
+class RecordingWorkers(SimulatedWorkers):
+    """The simulated backend's workers, keeping each epoch's orders and every step's unit gradients."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.orders: list[np.ndarray] = []
+        self.grads: list[list[torch.Tensor]] = []
+
+    def fetch_orders(self, epoch: int) -> tuple[np.ndarray, float]:
+        orders, waited = super().fetch_orders(epoch)
+        self.orders.append(orders.copy())
+        self.grads.append([])
+        return orders, waited
+
+    def observe(self, unit_grads: torch.Tensor) -> None:
+        self.grads[-1].append(unit_grads.clone())
+        super().observe(unit_grads)
+
+
+def _platform_rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank: its sampler fed its unit gradients of the recorded trial; whether each epoch's order
+    is the trial's."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    trial = torch.load(Path(out_dir) / "trial.pt", weights_only=False)
+    n = trial["shard_size"]
+    sampler = DistributedOrderedSampler(world * n, trial["ordering"], seed=trial["seed"], dim=trial["dim"])
+    same = []
+    for orders, steps in zip(trial["orders"], trial["grads"], strict=True):
+        same.append(np.array_equal(np.array(list(sampler)) - rank * n, orders[rank]))
+        for step in steps:
+            sampler.observe(step[rank])
+    torch.save(same, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.datasets
+@pytest.mark.parametrize("name", ["cd-grab", "pair-balance", "grab"])
+def test_samplers_give_the_platform_trials_orders(tmp_path, name):
+    """A digits trial of orderlab (the simulated backend, 2 workers, 3 epochs): each rank's
+    DistributedOrderedSampler in its own gloo process, fed that rank's unit gradients of the trial
+    in its visiting order, hands out the trial's orders every epoch."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    cfg = load_config(config, {"sweep": {}, "train.epochs": 3, "ordering.name": name, "seed": 5})
+    task = make_task(cfg.task.name)
+    data = load_task_data(task, cfg.task.data_dir)
+    ordering = ordering_class(name)
+    dim = num_parameters(build_model(task, cfg.seed))
+    plan = plan_trial(
+        cfg.train, len(data.train_targets), dim, ordering.needs_gradients, ordering.message_kind
+    )
+    workers = RecordingWorkers(cfg, plan)
+    TrainingLoop(
+        cfg, plan, workers, trial_id="t", results_root=str(tmp_path), device=torch.device("cpu")
+    ).run()
+    assert len({str(orders) for orders in workers.orders}) == 3  # the trial's orders move every epoch
+    recorded = {"ordering": name, "seed": cfg.seed, "dim": dim, "shard_size": plan.shard_size}
+    torch.save({**recorded, "orders": workers.orders, "grads": workers.grads}, tmp_path / "trial.pt")
+    assert run_ranks(_platform_rank_main, plan.num_workers, tmp_path) == [[True] * 3] * plan.num_workers
