@@ -36,11 +36,9 @@ from orderlab.tasks import load_task_data, make_task
 
 
 def digits(data_dir: str, num_examples: int | None) -> TensorDataset:
-    data = load_task_data(make_task("digits-logreg"), data_dir)
-    inputs, targets = data.train_inputs, data.train_targets
-    if num_examples is not None:
-        inputs, targets = inputs[:num_examples], targets[:num_examples]
-    return TensorDataset(inputs, targets)
+    """scikit-learn's digits training set, or a fixed random subset of ``num_examples`` of it."""
+    data = load_task_data(make_task("digits-logreg"), data_dir, num_examples)
+    return TensorDataset(data.train_inputs, data.train_targets)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
