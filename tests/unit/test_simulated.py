@@ -121,12 +121,13 @@ def test_a_trial_resumed_from_its_checkpoint_continues_exactly(tmp_path):
 
 def test_the_backend_imports_and_runs_without_ray(tmp_path):
     """The simulated trial body and everything it uses import no Ray or DuckDB (the GPU machine has
-    neither); the orderings, gradients, herding, samplers and wire formats not pydantic or YAML either."""
+    neither); the orderings, gradients, herding, samplers, wire formats and the in-process order server
+    not pydantic or YAML either."""
     script = f"""
 import sys
 for name in ("ray", "duckdb", "pydantic", "yaml"):
     sys.modules[name] = None  # any import of it now fails
-import orderlab.orderings, orderlab.grads, orderlab.herding, orderlab.sampler, orderlab.wire
+import orderlab.orderings, orderlab.grads, orderlab.herding, orderlab.sampler, orderlab.wire, orderlab.server
 for name in ("pydantic", "yaml"):
     del sys.modules[name]
 from orderlab.config import load_config
