@@ -101,8 +101,7 @@ def balance_step(
         ]
         out.copy_(torch.tensor(signs))
     else:
-        one = torch.ones((), dtype=torch.float32, device=out.device)
-        torch.where(inner < 0.0, one, -one, out=out)  # orderings.md: strict; the tie at r = 0 gives ε = -1
+        out.copy_(torch.where(inner < 0.0, 1.0, -1.0))  # orderings.md: strict; the tie at r = 0 gives ε = -1
     running_sums.addcmul_(vectors, out.unsqueeze(1))
 
 
