@@ -21,11 +21,13 @@ Without a GPU the CUDA parts are skipped with the reason and the rest runs on th
 kernel then runs on the CPU), which is how tests/unit/test_device_check.py runs ``--quick``.
 
 Needs torch, numba, numpy, pandas, pyarrow, pytest, and orderlab with pydantic and PyYAML (no Ray,
-DuckDB or network). docs/performance.md, "GPU", has the command for the GPU machine;
-``--prepare DIR`` fills DIR (an ignored folder inside the checkout, which travels with it) with
-the data files and the wheels that machine lacks.
+DuckDB or network). ``--prepare DIR`` fills DIR (an ignored folder inside the checkout, which
+travels with it) with the data files and the wheels that machine lacks; benchmarks/run_on_device.sh
+runs this script there with nothing installed (docs/performance.md, "GPU").
 
     python benchmarks/device_check.py --out results/device-check [--quick]
+    python benchmarks/device_check.py --prepare .device-data       # here, before the GPU machine
+    ORDERLAB_COMMIT=abc1234 bash benchmarks/run_on_device.sh $OUT  # there
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import fmt, machine_line, markdown_table, plain_balance
+from _common import fmt, git_state, machine_line, markdown_table, plain_balance
 
 from orderlab.orderings import set_balance_threads
 from orderlab.orderings._balance import SignRule
@@ -68,13 +70,17 @@ class Check:
         self.out, self.quick, self.deadline = out, quick, time.monotonic() + budget
         self.gpu = torch.device("cuda") if torch.cuda.is_available() else None
         self.no_gpu = "no CUDA GPU here (torch.cuda.is_available() is False)"
+        # a copy of the checkout without .git cannot say its commit: ORDERLAB_COMMIT does
+        commit = os.environ.get("ORDERLAB_COMMIT") or git_state()
         self.report: dict[str, Any] = {
             "machine": machine_line(),
             "gpu": gpu_line(),
+            "commit": commit,
             "quick": quick,
             "sections": {},
         }
-        self.markdown = [f"# Device check\n\nMachine: {self.report['machine']}; GPU: {self.report['gpu']}.\n"]
+        header = f"Machine: {self.report['machine']}; GPU: {self.report['gpu']}; commit {commit}."
+        self.markdown = [f"# Device check\n\n{header}\n"]
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
