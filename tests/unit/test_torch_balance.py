@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from orderlab.orderings import make_ordering
+from orderlab.sampler import OrderedSampler
 
 NO_GPU = (
     "needs a CUDA GPU (torch.cuda.is_available() is False here); benchmarks/device_check.py runs it on one"
@@ -153,3 +154,26 @@ def test_gpu_items_keep_the_running_sums_on_the_gpu(name):
     for a, b in zip(orders, expected, strict=True):
         assert torch.equal(a, b)
     assert np.array_equal(orders[-1].numpy(), expected[-1].numpy())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.parametrize("name", GRADIENT_ORDERINGS)
+def test_the_sampler_balances_gpu_gradients_on_the_gpu(name):
+    """``OrderedSampler.observe`` of CUDA gradients: the orders of the same gradients on the CPU,
+    with the ordering's running sums on the GPU."""
+    orders = {}
+    for device in ("cpu", "cuda"):
+        sampler, generator, orders[device] = (
+            OrderedSampler(N, name, seed=5),
+            torch.Generator().manual_seed(0),
+            [],
+        )
+        for _ in range(3):
+            orders[device].append(np.array(list(sampler)))
+            grads = torch.randn(N, 300, generator=generator).to(device)
+            sampler.observe(grads[:5])
+            sampler.observe(grads[5:])
+    assert sampler.ordering.state.running_sum.is_cuda
+    for a, b in zip(orders["cuda"], orders["cpu"], strict=True):
+        assert np.array_equal(a, b)
