@@ -8,7 +8,7 @@ export ORDERLAB_DATA ?= $(abspath ../shared/data)
 CONSTRAINTS := requirements/constraints.txt
 PIP_INSTALL = $(BIN)/pip install -q --constraint $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
 
-.PHONY: setup demo test bench lint lock clean
+.PHONY: setup demo test bench lint lock clean device-check device-data
 
 # what `orderlab` itself needs (the demo, the benchmarks)
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -47,6 +47,14 @@ bench: setup
 	$(BIN)/python benchmarks/backends.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/herding_vs_workers.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/sampler_overhead.py $(BENCH_ARGS)
+
+# benchmarks/device_check.py here (no GPU: its CUDA parts skipped); device-data fills .device-data/ for
+# the GPU machine (docs/performance.md, "GPU", has the command to run there)
+device-check: setup
+	$(BIN)/python benchmarks/device_check.py --out results/device-check $(BENCH_ARGS)
+
+device-data: setup
+	$(BIN)/python benchmarks/device_check.py --prepare .device-data
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check platform tasks tests benchmarks examples

@@ -148,6 +148,9 @@ class TrainConfig(BaseModel):
     # ray-train: one Ray Train worker process per worker, an order-server actor per trial;
     # simulated: all num_workers workers' steps in the trial's own process, the ordering called in it
     backend: Literal["ray-train", "simulated"] = "ray-train"
+    # where a simulated trial's model, per-unit gradients and the ordering's running sums live (cuda:
+    # the trial reserves one GPU); ray-train workers take GPUs from resources.gpus_per_worker
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @property
     def microbatch_size(self) -> int:
@@ -341,6 +344,13 @@ class ExperimentConfig(BaseModel):
     @model_validator(mode="after")
     def _check_backend(self) -> Self:
         if self.train.backend != "simulated":
+            if self.train.device != "cpu":
+                raise _field_error(
+                    "train.device",
+                    self.train.device,
+                    f"is for train.backend='simulated'; train.backend={self.train.backend!r} workers take "
+                    "GPUs from resources.gpus_per_worker: remove train.device or use train.backend='simulated'",
+                )
             return self
         ordering, defaults = self.ordering, OrderingConfig()
         for key in ("transport", "ring_directory", "message_steps", "max_in_flight"):
@@ -366,6 +376,11 @@ class ExperimentConfig(BaseModel):
                 "train.backend='simulated' has no order server to kill; use faults.exit_worker",
             )
         return self
+
+    @property
+    def trial_gpus(self) -> float:
+        """GPUs a Tune trial reserves besides its Ray Train workers: one for a simulated trial on cuda."""
+        return 1.0 if self.train.device == "cuda" else 0.0
 
     @property
     def trial_cpus(self) -> float:

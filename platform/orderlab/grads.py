@@ -131,7 +131,7 @@ def _linear_per_example_gradients(
     grad_outputs = torch.autograd.grad(loss, [output for _, _, output in calls])
     # each example's gradient goes straight into its row of ``flat``: no zero fill, no concatenation
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.empty(k, sum(p.numel() for p in params), dtype=torch.float32)
+    flat = torch.empty(k, sum(p.numel() for p in params), dtype=torch.float32, device=inputs.device)
     columns, offset = {}, 0
     for p in params:
         columns[id(p)], offset = flat[:, offset : offset + p.numel()], offset + p.numel()

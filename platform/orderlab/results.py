@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -24,6 +23,9 @@ import pyarrow.parquet as pq
 
 from orderlab import stats
 from orderlab.errors import OrderlabError
+
+if TYPE_CHECKING:
+    import duckdb
 
 _STR, _I32, _I64, _F64, _UTC_US = (
     pa.string(),
@@ -218,6 +220,8 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
     Raises:
         OrderlabError: the root is a file or cannot be listed.
     """
+    import duckdb  # here, not above: writing rows needs pyarrow alone (the GPU machine has no duckdb)
+
     fs, base = _storage(root)
     try:
         root_is_file = fs.get_file_info(base).type == pafs.FileType.File
@@ -269,6 +273,8 @@ def _select(root: str, table: str, filters: dict[str, Any], order_by: str) -> pd
         else:
             clauses.append(f'"{column}" = ?')
             params.append(value)
+    import duckdb
+
     sql = f"SELECT * FROM {table} WHERE {' AND '.join(clauses) or 'TRUE'} ORDER BY {order_by}"
     with connect(root) as con:
         try:

@@ -462,7 +462,7 @@ class OrderedSampler(Sampler):
                 self.sketch = CountSketch(self.dim, self.sketch_dim, self.seed, device=rows.device)
             rows = self.sketch(rows)
         if self.exchange is None:
-            self.ordering.observe_items(rows.cpu().unsqueeze(0))
+            self.ordering.observe_items(rows.unsqueeze(0))  # on a GPU, balanced there
         else:
             self.exchange.push(rows.to("cpu", self.exchange.payload_dtype), self._apply)
 

@@ -14,12 +14,12 @@ actor. Its methods are ``async`` so that ``begin_epoch`` can wait while messages
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from orderlab.channel import WIRE_DTYPES, MessageRing
@@ -194,6 +194,8 @@ class OrderServer:
 
     def node_id(self) -> str:
         """The Ray node this server runs on (recorded in the trials table)."""
+        import ray
+
         return ray.get_runtime_context().get_node_id()
 
     async def snapshot(self, epoch: int | None = None, generation: int | None = None) -> dict[str, Any]:
@@ -375,5 +377,17 @@ class OrderServer:
         self._changed.set()
 
 
-# Ray restarts a dead server (fresh state); the next worker group then calls reset(checkpoint).
-RemoteOrderServer = ray.remote(num_cpus=0, max_restarts=-1)(OrderServer)
+@functools.cache
+def _remote_order_server() -> Any:
+    import ray
+
+    # Ray restarts a dead server (fresh state); the next worker group then calls reset(checkpoint).
+    return ray.remote(num_cpus=0, max_restarts=-1)(OrderServer)
+
+
+def __getattr__(name: str) -> Any:
+    """``RemoteOrderServer``, the actor class, made on first use: ``OrderServer`` itself imports no
+    Ray (benchmarks/device_check.py measures it where there is none)."""
+    if name == "RemoteOrderServer":
+        return _remote_order_server()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,8 +74,13 @@ class InProcessOrdering:
             rows = self.sketch(difference.reshape(-1, difference.shape[-1])).view(*difference.shape[:-1], -1)
             subtract = None
         shape = rows.shape
-        if self.buffer.numel() < rows.numel() or self.buffer.dtype != self.payload_dtype:
-            self.buffer = torch.empty(rows.numel(), dtype=self.payload_dtype)
+        buffer = self.buffer
+        if (
+            buffer.numel() < rows.numel()
+            or buffer.dtype != self.payload_dtype
+            or buffer.device != rows.device
+        ):
+            self.buffer = torch.empty(rows.numel(), dtype=self.payload_dtype, device=rows.device)
         target = self.buffer[: rows.numel()].view(shape)
         if subtract is None:
             target.copy_(rows)
@@ -111,7 +116,7 @@ class SimulatedWorkers:
         set_balance_threads(cfg.ordering.server_threads)
         sketch = None
         if cfg.ordering.sketch_dim is not None and plan.needs_gradients:
-            sketch = CountSketch(plan.dim, cfg.ordering.sketch_dim, cfg.seed)
+            sketch = CountSketch(plan.dim, cfg.ordering.sketch_dim, cfg.seed, trial_device(cfg))
         self.ordering = InProcessOrdering(cfg, plan, sketch)
         self.digests: dict[int, str] = {}
 
@@ -176,11 +181,27 @@ def run_simulated_trial(
         status ("completed" or "diverged"), diverged_epoch and error when it diverged, test_metrics.
 
     Raises:
-        OrderlabError: missing data files, or a model whose per-example gradients vmap cannot take.
+        OrderlabError: missing data files, a model whose per-example gradients vmap cannot take, or
+            ``train.device`` cuda without a GPU.
     """
     torch.set_num_threads(cfg.resources.num_threads)
     workers = SimulatedWorkers(cfg, plan, checkpoint=checkpoint, report=report)
     loop = TrainingLoop(
-        cfg, plan, workers, trial_id=trial_id, results_root=results_root, device=torch.device("cpu")
+        cfg, plan, workers, trial_id=trial_id, results_root=results_root, device=trial_device(cfg)
     )
     return loop.run()
+
+
+def trial_device(cfg: ExperimentConfig) -> torch.device:
+    """``train.device``: where the model, the per-unit gradients and the ordering's running sums live
+    (the ordering follows its items there).
+
+    Raises:
+        OrderlabError: cuda, but torch sees no GPU here.
+    """
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise OrderlabError(
+            "train.device='cuda', but torch.cuda.is_available() is False on this machine; use "
+            "train.device=cpu, or run the trial where a GPU is visible"
+        )
+    return torch.device(cfg.train.device)

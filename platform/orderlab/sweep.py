@@ -352,7 +352,7 @@ def max_concurrent_trials(configs: list[ExperimentConfig]) -> int:
     for cfg in configs:
         res, workers = cfg.resources, cfg.train.num_workers
         need_cpus = cfg.trial_cpus + cfg.worker_cpus
-        need_gpus = workers * res.gpus_per_worker
+        need_gpus = cfg.trial_gpus + workers * res.gpus_per_worker
         if need_cpus > cpus + 1e-9 or need_gpus > gpus + 1e-9:
             raise OrderlabError(
                 f"a trial with train.num_workers={workers} needs {need_cpus:g} CPUs and {need_gpus:g} GPUs "
@@ -438,11 +438,14 @@ def sweep(
     # trial drivers and their order servers go to the head node when the cluster marks it
     head = {"orderlab_head": 0.001} if "orderlab_head" in ray.cluster_resources() else {}
     base_cfg = validate(base)
+
+    def trial_resources(point: dict[str, Any]) -> tune.PlacementGroupFactory:
+        trial = base_cfg.with_overrides(point)
+        gpus = {"GPU": trial.trial_gpus} if trial.trial_gpus else {}
+        return tune.PlacementGroupFactory([{"CPU": trial.trial_cpus, **gpus, **head}])
+
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()),
-        lambda point: tune.PlacementGroupFactory(
-            [{"CPU": base_cfg.with_overrides(point).trial_cpus, **head}]
-        ),
+        tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()), trial_resources
     )
     # a simulated trial is its own worker group: Tune retries it from its last checkpoint
     retries = max((p.train.max_failures for p in points if p.train.backend == "simulated"), default=0)

@@ -120,14 +120,19 @@ def test_a_trial_resumed_from_its_checkpoint_continues_exactly(tmp_path):
 
 
 def test_the_backend_imports_and_runs_without_ray(tmp_path):
-    """The simulated trial body and everything it uses import no Ray (the GPU machine has none)."""
+    """The simulated trial body and everything it uses import no Ray or DuckDB (the GPU machine has
+    neither); the orderings, gradients, herding, samplers, wire formats and the in-process order server
+    not pydantic or YAML either."""
     script = f"""
 import sys
-sys.modules["ray"] = None  # any import of ray now fails
+for name in ("ray", "duckdb", "pydantic", "yaml"):
+    sys.modules[name] = None  # any import of it now fails
+import orderlab.orderings, orderlab.grads, orderlab.herding, orderlab.sampler, orderlab.wire, orderlab.server
+for name in ("pydantic", "yaml"):
+    del sys.modules[name]
 from orderlab.config import load_config
 from orderlab.loop import TrialPlan
 from orderlab.simulated import run_simulated_trial
-import orderlab.orderings, orderlab.grads, orderlab.herding, orderlab.wire
 plan = TrialPlan(**{TrialPlan(2, 1, 8, 16, 2, 0, 650, True, "pair_differences").__dict__!r})
 overrides = {{"sweep": {{}}, "train.epochs": 1, "train.backend": "simulated", "task.train_examples": 32}}
 cfg = load_config({str(TINY)!r}, {{**overrides, "ordering.name": "cd-grab"}})
@@ -168,3 +173,32 @@ def test_microbatch_units_keep_one_gradient_per_worker(tmp_path):
     assert (plan.units_per_step, plan.unit_size) == (1, 8)
     run_simulated_trial(cfg, plan, trial_id="t", results_root=str(tmp_path))
     assert np.isfinite(epochs(tmp_path)["train_loss"]).all()
+
+
+def test_train_device_is_for_the_simulated_backend_and_needs_a_gpu(tmp_path):
+    with pytest.raises(OrderlabError, match=r"train.device='cuda'.*train.backend='simulated'"):
+        load_config(TINY, {"train.device": "cuda"})  # ray-train
+    if torch.cuda.is_available():
+        return
+    cfg, plan = trial({"ordering.name": "cd-grab", "train.device": "cuda"})
+    assert cfg.trial_gpus == 1.0
+    with pytest.raises(OrderlabError, match=r"train.device='cuda'.*torch.cuda.is_available\(\) is False"):
+        run_simulated_trial(cfg, plan, trial_id="t", results_root=str(tmp_path))
+    assert not (tmp_path / "epochs").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("name", ["cd-grab", "grab"])
+def test_a_trial_on_the_gpu_trains_as_on_the_cpu(tmp_path, name):
+    """The model, the unit gradients and the ordering's running sums on the GPU: the CPU's losses up
+    to rounding (per-unit gradients differ in their last bits between the devices, which can flip a
+    near-tie of the balancing and so move a few units; a wrong update moves the loss far more)."""
+    rows = {}
+    for device in ("cpu", "cuda"):
+        cfg, plan = trial(
+            {"ordering.name": name, "train.epochs": 2, "train.num_workers": 4, "train.device": device}
+        )
+        run_simulated_trial(cfg, plan, trial_id="t", results_root=str(tmp_path / device))
+        rows[device] = epochs(tmp_path / device)
+    np.testing.assert_allclose(rows["cuda"]["train_loss"], rows["cpu"]["train_loss"], rtol=1e-2)

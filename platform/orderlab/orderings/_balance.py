@@ -410,7 +410,9 @@ class BalancingEpochs:
 
     Holds the epoch's orders (and ``visit``, a numpy view of them for the balancing loops), the
     orders being built for the next epoch, the running sums [num_sums, dim] float32, the sign rule,
-    and how many items of the epoch have been balanced.
+    and how many items of the epoch have been balanced. ``device`` is None while the CPU kernel
+    (``fused_balance``) balances; after ``to(device)`` the running sums live on that device and
+    ``_torch_balance`` balances there.
     """
 
     def __init__(self, name: str, spec: OrderingSpec, *, num_sums: int, items_per_epoch: int) -> None:
@@ -420,6 +422,7 @@ class BalancingEpochs:
             balance=spec.balance, balance_c=spec.balance_c, seed=spec.seed, num_sums=num_sums
         )
         self.running_sum = torch.zeros(num_sums, spec.dim, dtype=torch.float32)
+        self.device: torch.device | None = None
         self.epoch = -1
         self.orders = torch.empty(spec.num_workers, 0, dtype=torch.long)
         self.visit = self.orders.numpy()
@@ -449,6 +452,11 @@ class BalancingEpochs:
         self.sign.begin_epoch(self.epoch)
         return self.orders.clone()
 
+    def to(self, device: torch.device | str) -> None:
+        """Balance on ``device`` from now on with ``_torch_balance`` ("cpu" runs it on the CPU too)."""
+        self.device = torch.device(device)
+        self.running_sum = self.running_sum.to(self.device)
+
     def check_room(self, count: int, what: str) -> None:
         """Raise ValueError when ``count`` more items would exceed the epoch's."""
         if self.done + count > self.items_per_epoch:
@@ -461,7 +469,7 @@ class BalancingEpochs:
             "name": self.name,
             "epoch": self.epoch,
             "orders": self.orders.clone(),
-            "running_sum": self.running_sum.clone(),
+            "running_sum": self.running_sum.to("cpu", copy=True),
             "next": self.next.state_dict(),
             "done": self.done,
             "sign": self.sign.state_dict(),
@@ -471,7 +479,7 @@ class BalancingEpochs:
         self.epoch = int(state["epoch"])
         self.orders = state["orders"].clone()
         self.visit = self.orders.numpy()
-        self.running_sum = state["running_sum"].clone()
+        self.running_sum = state["running_sum"].to(self.device or "cpu", copy=True)
         self.next.load_state_dict(state["next"])
         self.done = int(state["done"])
         self.sign.load_state_dict(state["sign"])

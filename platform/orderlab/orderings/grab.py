@@ -14,6 +14,7 @@ import torch
 
 from orderlab.orderings import MessageKind, register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, rank_arrays
+from orderlab.orderings._torch_balance import balance_centered, device_rows, items_device
 from orderlab.orderings.spec import OrderingSpec
 
 
@@ -43,6 +44,12 @@ class MeanBalance:
     def epoch(self) -> int:
         return self.state.epoch
 
+    def balance_on(self, device: torch.device | str) -> None:
+        """Keep the running sums and means on ``device`` and balance there (``_torch_balance``; "cpu"
+        runs that kernel on the CPU). Gradients given on a GPU move them to it by themselves."""
+        self.state.to(device)
+        self.stale_mean, self.gradient_sum = self.stale_mean.to(device), self.gradient_sum.to(device)
+
     def begin_epoch(self) -> torch.Tensor:
         """Advance to the next epoch; return its orders, LongTensor [num_workers, shard_size].
 
@@ -60,13 +67,26 @@ class MeanBalance:
         """Balance the next k units of every worker, in visiting order.
 
         Args:
-            grads: [num_workers, k, dim], or one [k, dim] per worker (see ``rank_arrays``).
+            grads: [num_workers, k, dim], or one [k, dim] per worker (see ``rank_arrays``). On a
+                GPU, the running sums and means move there (``balance_on``).
 
         Raises:
             ValueError: wrong shape, or more units than the epoch has.
         """
+        device, state = items_device(grads), self.state
+        if device is not None and state.device is None:
+            self.balance_on(device)
+        if state.device is not None:
+            rows = device_rows(grads, self.num_workers, self.dim, "grads", state.device).to(torch.float32)
+            state.check_room(rows.shape[1], "units")
+            signs = balance_centered(state, rows, self.stale_mean, self.gradient_sum)
+            for j in range(rows.shape[1]):
+                for w in range(self.num_workers):
+                    state.next.place_unit(w, state.visit[w][state.done + j], bool(signs[j, w]))
+            state.done += rows.shape[1]
+            return
         grads = rank_arrays(grads, self.num_workers, self.dim, "grads", float32=True)
-        state, num_units = self.state, len(grads[0])
+        num_units = len(grads[0])
         state.check_room(num_units, "units")
         running_sums, stale_means, sums = (
             state.running_sum.numpy(),
@@ -86,11 +106,12 @@ class MeanBalance:
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.state.state_dict(),
-            "stale_mean": self.stale_mean.clone(),
-            "gradient_sum": self.gradient_sum.clone(),
+            "stale_mean": self.stale_mean.to("cpu", copy=True),
+            "gradient_sum": self.gradient_sum.to("cpu", copy=True),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.load_state_dict(state)
-        self.stale_mean = state["stale_mean"].clone()
-        self.gradient_sum = state["gradient_sum"].clone()
+        device = self.state.device or "cpu"
+        self.stale_mean = state["stale_mean"].to(device, copy=True)
+        self.gradient_sum = state["gradient_sum"].to(device, copy=True)

@@ -14,12 +14,13 @@ import torch
 
 from orderlab.orderings import MessageKind, register_ordering
 from orderlab.orderings._balance import BalancingEpochs, Items, PairStream, rank_arrays
+from orderlab.orderings._torch_balance import balance_pairs, device_rows, items_device
 from orderlab.orderings.spec import OrderingSpec
 
 
-def _unit_tensor(grads: Items, num_workers: int, dim: int) -> torch.Tensor:
-    """``grads`` as a float32 CPU tensor [num_workers, k, dim]: ``grads`` itself (detached) when it
-    is one, else a float32 copy of its ``rank_arrays`` rows.
+def _unit_tensor(grads: Items, num_workers: int, dim: int, device: torch.device | None) -> torch.Tensor:
+    """``grads`` as a float32 tensor [num_workers, k, dim] on ``device`` (None: the CPU):
+    ``grads`` itself (detached) when it is one, else a float32 copy.
 
     Raises:
         ValueError: wrong shape (from ``rank_arrays``).
@@ -27,12 +28,14 @@ def _unit_tensor(grads: Items, num_workers: int, dim: int) -> torch.Tensor:
     if (
         isinstance(grads, torch.Tensor)
         and grads.dtype == torch.float32
-        and grads.device.type == "cpu"
+        and grads.device == (device or torch.device("cpu"))
         and grads.ndim == 3
         and grads.shape[0] == num_workers
         and grads.shape[2] == dim
     ):
         return grads.detach()
+    if device is not None:
+        return device_rows(grads, num_workers, dim, "grads", device).to(torch.float32)
     return torch.from_numpy(np.stack(rank_arrays(grads, num_workers, dim, "grads", float32=True)))
 
 
@@ -74,6 +77,17 @@ class PairBalance:
     def epoch(self) -> int:
         return self.state.epoch
 
+    def balance_on(self, device: torch.device | str) -> None:
+        """Keep the running sums on ``device`` and balance there (``_torch_balance``; "cpu" runs
+        that kernel on the CPU). Items given on a GPU move them to it by themselves."""
+        self.state.to(device)
+        self.pair_buffer = self.pair_buffer.to(device)
+
+    def _follow(self, items: Items) -> None:
+        device = items_device(items)
+        if device is not None and self.state.device is None:
+            self.balance_on(device)
+
     def begin_epoch(self) -> torch.Tensor:
         """Advance to the next epoch; return its orders, LongTensor [num_workers, shard_size].
 
@@ -97,14 +111,16 @@ class PairBalance:
 
         Args:
             grads: [num_workers, k, dim] float32 (read in place), or any other ``rank_arrays``
-                input (one [k, dim] per worker, other dtypes or devices: copied to float32). The
-                epoch's last unit of an odd-sized shard pairs with nothing: it must be observed,
-                but only takes the middle slot.
+                input (one [k, dim] per worker, other dtypes or devices: copied to float32). On a
+                GPU, the running sums move there (``balance_on``). The epoch's last unit of an
+                odd-sized shard pairs with nothing: it must be observed, but only takes the middle
+                slot.
 
         Raises:
             ValueError: wrong shape, or more units than the shard has.
         """
-        units = _unit_tensor(grads, self.num_workers, self.dim)
+        self._follow(grads)
+        units = _unit_tensor(grads, self.num_workers, self.dim, self.state.device)
         num_units = units.shape[1]
         if self.units_seen + num_units > self.shard_size:
             raise ValueError(
@@ -116,7 +132,9 @@ class PairBalance:
         if num_pairs == 0:
             return
         if self.pair_buffer.shape[1] < num_pairs:
-            self.pair_buffer = torch.empty(self.num_workers, num_pairs, self.dim, dtype=torch.float32)
+            self.pair_buffer = torch.empty(
+                self.num_workers, num_pairs, self.dim, dtype=torch.float32, device=units.device
+            )
         differences, start = self.pair_buffer[:, :num_pairs], 0  # worker w's rows: contiguous [p, d]
         for firsts, seconds in blocks:
             torch.sub(firsts, seconds, out=differences[:, start : start + firsts.shape[1]])
@@ -133,13 +151,20 @@ class PairBalance:
             pair_differences: [num_workers, p, dim], or one [p, dim] per worker (see
                 ``rank_arrays``), any float dtype (float16/bfloat16 payloads are widened; the
                 running sum stays float32): v = g(position 2q) - g(position 2q+1) for the epoch's
-                next pair indices q.
+                next pair indices q. On a GPU, the running sums move there (``balance_on``).
 
         Raises:
             ValueError: wrong shape, or more pairs than the epoch has.
         """
+        self._follow(pair_differences)
+        state = self.state
+        if state.device is not None:
+            rows = device_rows(pair_differences, self.num_workers, self.dim, "pair_differences", state.device)
+            state.check_room(rows.shape[1], "pairs")
+            self._place(rows.shape[1], balance_pairs(state, rows, self.coordinated))
+            return
         diffs = rank_arrays(pair_differences, self.num_workers, self.dim, "pair_differences")
-        state, num_pairs = self.state, len(diffs[0])
+        num_pairs = len(diffs[0])
         state.check_room(num_pairs, "pairs")
         running_sums, balance_rows = state.running_sum.numpy(), state.sign.balance_rows
         if self.coordinated:  # orderings.md: one sum, pair-major, rank-minor
@@ -148,6 +173,11 @@ class PairBalance:
             positive = np.concatenate(
                 [balance_rows(running_sums[w], [diffs[w]], w) for w in range(len(diffs))], 1
             )
+        self._place(num_pairs, positive)
+
+    def _place(self, num_pairs: int, positive: np.ndarray) -> None:
+        """Place the next ``num_pairs`` pairs of every worker by their signs, bool [num_pairs, W]."""
+        state = self.state
         units = state.orders.numpy()[:, 2 * state.done : 2 * (state.done + num_pairs)]  # [W, 2 × pairs]
         state.next.place_pairs(units[:, 0::2], units[:, 1::2], positive.T)
         state.done += num_pairs
@@ -163,13 +193,14 @@ class PairBalance:
         return {
             **self.state.state_dict(),
             "units_seen": self.units_seen,
-            "pending": None if self.stream.pending is None else self.stream.pending.clone(),
+            "pending": None if self.stream.pending is None else self.stream.pending.to("cpu", copy=True),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.load_state_dict(state)
         self.units_seen = int(state["units_seen"])
-        self.stream.pending = None if state["pending"] is None else state["pending"].clone()
+        pending = state["pending"]
+        self.stream.pending = None if pending is None else pending.to(self.state.device or "cpu", copy=True)
 
 
 @register_ordering("cd-grab")
