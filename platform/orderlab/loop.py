@@ -118,8 +118,9 @@ def plan_trial(
 
 
 def ordering_spec(cfg: ExperimentConfig, plan: TrialPlan) -> OrderingSpec:
-    """The trial's ordering settings: its shards, its seed, ``cfg.ordering``'s rules, and the length of
-    the vectors the ordering balances (the sketch length when ``ordering.sketch_dim`` is set)."""
+    """The trial's ordering settings: its shards, its seed, ``cfg.ordering``'s rules, the length of
+    the vectors the ordering balances (the sketch length when ``ordering.sketch_dim`` is set), and
+    its balancing threads (``ordering.server_threads``)."""
     ordering = cfg.ordering
     return OrderingSpec(
         num_workers=plan.num_workers,
@@ -129,6 +130,7 @@ def ordering_spec(cfg: ExperimentConfig, plan: TrialPlan) -> OrderingSpec:
         first_epoch=ordering.first_epoch,
         balance=ordering.balance,
         balance_c=ordering.balance_c,
+        threads=ordering.server_threads,
     )
 
 

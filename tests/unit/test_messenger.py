@@ -1,4 +1,4 @@
-"""The worker's ServerMessenger: pair differences written once into a reused send buffer."""
+"""The worker's ServerMessenger over Ray calls: pair differences written once into a reused send buffer."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 
 from orderlab.errors import OrderlabError
 from orderlab.grads import CountSketch
-from orderlab.orderings._balance import PairStream
+from orderlab.messaging import RayCallTransport, RingTransport, ServerMessenger
+from orderlab.orderings import PairStream
+from orderlab.send_buffer import SendBuffer
 from orderlab.wire import decode_payload, encode_payload
-from orderlab.worker import ServerMessenger
 
 
 class RecordingServer:
@@ -28,11 +29,11 @@ class RecordingServer:
 
 def run_messenger(steps: list[torch.Tensor], **kwargs) -> tuple[RecordingServer, ServerMessenger]:
     server = RecordingServer()
-    messenger = ServerMessenger(server, rank=1, max_in_flight=1000, **kwargs)
-    messenger.generation = 3
+    messenger = ServerMessenger(RayCallTransport(server, rank=1, max_in_flight=1000), **kwargs)
+    messenger.start(generation=3)
     for step in steps:
         messenger.add(step)
-    messenger._send()  # what flush sends before it waits on the replies
+    messenger.send()  # what flush sends before it waits on the replies
     return server, messenger
 
 
@@ -78,7 +79,8 @@ def test_sketched_pair_differences_are_the_sketch_of_the_difference() -> None:
 
 def test_an_epoch_boundary_drops_the_unpaired_unit() -> None:
     server = RecordingServer()
-    messenger = ServerMessenger(server, 0, "pair_differences", message_steps=1, max_in_flight=1000)
+    transport = RayCallTransport(server, rank=0, max_in_flight=1000)
+    messenger = ServerMessenger(transport, message_kind="pair_differences", message_steps=1)
     messenger.add(torch.ones(3, 4))  # units 0-1 pair; unit 2 waits
     messenger.begin_epoch(1)
     messenger.add(torch.full((2, 4), 5.0))
@@ -88,14 +90,42 @@ def test_an_epoch_boundary_drops_the_unpaired_unit() -> None:
 
 def test_a_ring_directory_that_cannot_hold_the_ring_is_a_clear_error(tmp_path) -> None:
     missing = tmp_path / "not-mounted"
-    messenger = ServerMessenger(
+    transport = RingTransport(
         RecordingServer(),
-        0,
-        "pair_differences",
+        rank=0,
+        width=4,
+        step_rows=2,
+        shard_size=4,
         message_steps=1,
         max_in_flight=2,
-        transport="shared_memory",
+        payload_dtype="float32",
         ring_directory=str(missing),
     )
     with pytest.raises(OrderlabError, match=f"in {missing} .*set ordering.ring_directory"):
-        messenger.add(torch.randn(2, 4))
+        transport.start(generation=1)  # when the worker group starts, before any step
+
+
+def bits(rows: torch.Tensor) -> torch.Tensor:
+    """The rows' bit patterns (torch.equal on floats would take -0.0 for 0.0)."""
+    return rows.view(torch.int16 if rows.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("payload_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("message_kind", ["pair_differences", "unit_gradients"])
+def test_the_simulated_backends_rows_are_each_workers_rows(message_kind: str, payload_dtype: str) -> None:
+    """One SendBuffer over W ranks (the simulated backend) writes, rank by rank, the bits that W
+    single-rank buffers (Ray Train workers) write from the same steps, straddling pairs included."""
+    generator = torch.Generator().manual_seed(5)
+    steps = [torch.randn(3, 3, 12, generator=generator) for _ in range(4)]  # W = 3, k = 3 (odd)
+    sketch = CountSketch(12, 5, seed=1)
+    together = SendBuffer(message_kind, sketch=sketch, payload_dtype=payload_dtype)
+    alone = [SendBuffer(message_kind, sketch=sketch, payload_dtype=payload_dtype) for _ in range(3)]
+    for step in steps:
+        written = together.write(step)
+        assert [len(view) for view in written] == ([3, 3] if len(written) == 2 else [3])
+        rows = torch.cat(written, dim=1)  # [W, p, 5]
+        together.clear()
+        for rank, buffer in enumerate(alone):
+            buffer.write(step[rank : rank + 1])
+            assert torch.equal(bits(rows[rank]), bits(buffer.pending()))
+            buffer.clear()
