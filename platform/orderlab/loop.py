@@ -285,7 +285,8 @@ class Workers(Protocol):
 
     @property
     def wait_seconds(self) -> float:
-        """Seconds this epoch waited to send to the order server (in-flight bound, flush)."""
+        """Seconds this epoch waited to send to the order server (the in-flight bound, a free ring
+        slot, the flush): ``epochs.send_wait_seconds``, not compute and not ``order_wait_seconds``."""
 
     def start(self, state: dict[str, Any] | None) -> None:
         """Begin a run of the loop from checkpoint ``state`` (None: from scratch)."""

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from orderlab import messaging
+from orderlab.channel import MessageRing
+from orderlab.config import OrderingConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import CountSketch
 from orderlab.messaging import RayCallTransport, RingTransport, ServerMessenger
+from orderlab.order_queue import OrderMessage
 from orderlab.orderings import PairStream
 from orderlab.send_buffer import SendBuffer
 from orderlab.wire import decode_payload, encode_payload
@@ -129,3 +133,46 @@ def test_the_simulated_backends_rows_are_each_workers_rows(message_kind: str, pa
             buffer.write(step[rank : rank + 1])
             assert torch.equal(bits(rows[rank]), bits(buffer.pending()))
             buffer.clear()
+
+
+@pytest.mark.parametrize("payload_dtype", ["float32", "bfloat16"])
+def test_a_ring_carries_the_messages_ray_calls_carry_and_sends_a_full_slot_early(
+    payload_dtype, tmp_path, monkeypatch
+) -> None:
+    """The ring transport's messages hold the Ray calls' rows (the same bits and keys, read by the
+    server's side of the ring); a slot too small for ``message_steps`` steps is sent when full."""
+    width = 1024  # a page holds 1 float32 row, 2 bfloat16 rows
+    monkeypatch.setattr(messaging, "MAX_SLOT_BYTES", 3 * width * (4 if payload_dtype == "float32" else 2))
+    generator = torch.Generator().manual_seed(7)
+    steps = [torch.randn(3, width, generator=generator) for _ in range(9)]  # 13 pairs, some straddling
+    settings = dict(message_kind="pair_differences", message_steps=4, payload_dtype=payload_dtype)
+    by_calls, _ = run_messenger(steps, **settings)
+    transport = messaging.make_transport(
+        "shared_memory",
+        None,
+        rank=1,
+        message_kind="pair_differences",
+        units_per_step=3,
+        width=width,
+        shard_size=27,
+        ordering=OrderingConfig(message_steps=4, max_in_flight=100, payload_dtype=payload_dtype),
+    )
+    assert isinstance(transport, RingTransport) and transport.rows == 4  # fewer than 4 steps' 6 pairs
+    # what start() does before the server maps the ring (the server here is this test's reader)
+    transport.generation = 3
+    transport.ring = MessageRing.create(transport.slots, transport.slot_bytes, str(tmp_path), 27)
+    server_side = MessageRing.attach(transport.ring.path)
+    messenger = ServerMessenger(transport, **settings)
+    for step in steps:
+        messenger.add(step)
+    messenger.send()
+    received = [OrderMessage(*fields) for fields in server_side.receive()]
+    assert max(len(m.items) for m in received) <= 4 and len(received) > len(by_calls.messages)
+    assert {(m.epoch, m.rank, m.generation) for m in received} == {(0, 1, 3)}
+    starts = [m.start for m in received]
+    assert starts == [0, *np.cumsum([len(m.items) for m in received])[:-1].tolist()]
+    ring_rows = np.concatenate([m.items for m in received])
+    call_rows = np.concatenate([m.items for m in by_calls.messages])
+    assert ring_rows.dtype == call_rows.dtype
+    assert np.array_equal(ring_rows.view(np.uint8), call_rows.view(np.uint8))
+    assert messenger.bytes_sent == ring_rows.nbytes
