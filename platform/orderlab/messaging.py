@@ -39,9 +39,9 @@ MAX_SLOT_BYTES = 64 * 2**20  # a ring slot holds fewer than message_steps steps 
 class Transport(Protocol):
     """How a worker's messages reach its order server and its orders come back.
 
-    Raises (from every method but ``room_for``): OrderServerRestarted when the server lost this
-    worker group's state (Ray restarted it, or another generation started); ray.exceptions.RayActorError
-    when the server died.
+    Raises (from any method that talks to the server or waits on it): OrderServerRestarted when the
+    server lost this worker group's state (Ray restarted it, or another generation started);
+    ray.exceptions.RayActorError when the server died.
     """
 
     #: seconds waited to send (the in-flight bound, a free ring slot, the flush) since last set to 0
