@@ -33,6 +33,7 @@ runs this script there with nothing installed (docs/performance.md, "GPU").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -49,7 +50,6 @@ import numpy as np
 import torch
 from _common import fmt, git_state, machine_line, markdown_table, plain_balance
 
-from orderlab.orderings import set_balance_threads
 from orderlab.orderings._balance import SignRule
 from orderlab.orderings._torch_balance import balance_step
 
@@ -259,7 +259,6 @@ def throughput(check: Check) -> tuple[str, Any]:
         pool = pool_of(dim, check.quick)
         for kind, make in kinds:
             raw[kind][dim] = pairs_per_second(make(pool), len(pool), min_seconds)
-    set_balance_threads(1)
     header = ["pairs/s", *[f"d = {dim:.0e}" for dim in dims]]
     rows = [[kind, *[fmt(raw[kind][dim]) for dim in dims]] for kind, _ in kinds]
     note = "" if gpu is not None else f"\n\nNo GPU columns: {check.no_gpu}."
@@ -270,11 +269,10 @@ def throughput(check: Check) -> tuple[str, Any]:
 
 def cpu_runner(pool: np.ndarray, threads: int) -> Callable[[], None]:
     """One pass of the CPU kernel (``SignRule.balance_rows``) over the pool on ``threads`` threads."""
-    sign = SignRule(balance="deterministic", balance_c=30.0, seed=0, num_sums=1)
+    sign = SignRule(balance="deterministic", balance_c=30.0, seed=0, num_sums=1, threads=threads)
     arrays = [pool]
 
     def run() -> None:
-        set_balance_threads(threads)
         sign.balance_rows(np.zeros(pool.shape[1], np.float32), arrays, 0)
 
     return run
@@ -367,7 +365,6 @@ def server_capacity(check: Check) -> tuple[str, Any]:
         raw[dim] = {
             threads: served_pairs_per_second(spec, pool, threads, per_message) for threads in thread_counts
         }
-    set_balance_threads(1)
     header = ["pairs/s", *[f"{threads} thread(s)" for threads in thread_counts]]
     rows = [[f"d = {dim:.0e}", *[fmt(raw[dim][t]) for t in thread_counts]] for dim in dims]
     text = (f"OrderServer in process (no Ray), cd-grab, W = {num_workers}, messages of {per_message} float32 "
@@ -380,9 +377,10 @@ def served_pairs_per_second(spec: Any, pool: np.ndarray, threads: int, per_messa
     epoch to every rank's next order; message (m, rank) holds pool rows from slot (m·W + rank)."""
     import asyncio
 
-    from orderlab.server import OrderMessage, OrderServer
+    from orderlab.order_queue import OrderMessage
+    from orderlab.server import OrderServer
 
-    server = OrderServer("cd-grab", spec, threads=threads)
+    server = OrderServer("cd-grab", dataclasses.replace(spec, threads=threads))
     num_workers, pairs_per_worker = spec.num_workers, spec.shard_size // 2
     slots = len(pool) - per_message + 1
 

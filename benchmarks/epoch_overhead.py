@@ -47,14 +47,14 @@ from ray import tune
 
 import orderlab
 from orderlab import results
-from orderlab.config import validate
+from orderlab.config import OrderingConfig, validate
 from orderlab.grads import CountSketch, microbatch_gradient, num_parameters, per_example_gradients
 from orderlab.loop import build_model, make_optimizer
+from orderlab.messaging import ServerMessenger, make_transport
 from orderlab.orderings import OrderingSpec
 from orderlab.server import RemoteOrderServer
 from orderlab.sweep import RAY_ENV
 from orderlab.tasks import TASKS, make_task, resolve_data_dir
-from orderlab.worker import ServerMessenger
 
 #: per task: the train settings of its reference config (configs/demo.yaml, configs/paper/*), 4 workers
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
@@ -344,9 +344,25 @@ def step_anatomy(task_name: str, num_steps: int) -> dict[str, float]:
             num_workers=1, shard_size=(warm_up + steps) * units_per_step, dim=sketch_dim or dim
         )
         server = RemoteOrderServer.remote("cd-grab", spec)
-        ray.get(server.begin_epoch.remote(0, 0))
         sketch = CountSketch(dim, sketch_dim, 0) if sketch_dim else None
-        messenger = ServerMessenger(server, 0, "pair_differences", 16, 4, sketch, payload_dtype, transport)
+        channel = make_transport(
+            transport,
+            server,
+            rank=0,
+            message_kind="pair_differences",
+            units_per_step=units_per_step,
+            width=sketch_dim or dim,
+            shard_size=spec.shard_size,
+            ordering=OrderingConfig(message_steps=16, max_in_flight=4, payload_dtype=payload_dtype),
+        )
+        messenger = ServerMessenger(
+            channel,
+            message_kind="pair_differences",
+            message_steps=16,
+            sketch=sketch,
+            payload_dtype=payload_dtype,
+        )
+        messenger.start(generation=0)  # a ring is created and attached here
         for _ in range(warm_up):
             messenger.add(unit_grads)
         started = time.perf_counter()

@@ -92,8 +92,10 @@ class Workload:
             k += 1
         return rounds
 
-    def spec(self) -> OrderingSpec:
-        return OrderingSpec(num_workers=self.num_workers, shard_size=2 * self.pairs_per_worker, dim=self.dim)
+    def spec(self, threads: int = 1) -> OrderingSpec:
+        return OrderingSpec(
+            num_workers=self.num_workers, shard_size=2 * self.pairs_per_worker, dim=self.dim, threads=threads
+        )
 
 
 def make_pool(dim: int, num_vectors: int, seed: int = 0) -> np.ndarray:
@@ -218,7 +220,7 @@ class RingBench:
         self, workload: Workload, payload_dtype: str, max_in_flight: int, threads: int, directory: str
     ) -> None:
         self.workload, self.payload_dtype = workload, payload_dtype
-        self.server = RemoteOrderServer.remote("cd-grab", workload.spec(), threads=threads)
+        self.server = RemoteOrderServer.remote("cd-grab", workload.spec(threads))
         wire = WIRE_DTYPES[payload_dtype]
         slot_bytes = workload.pairs_per_message * workload.dim * wire.itemsize
         self.rings = []

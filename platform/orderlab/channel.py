@@ -6,8 +6,8 @@ message's rows straight into the next free slot and publishes it by advancing a 
 polls the counter, reads the rows in place, and advances another counter once it holds no view of
 the slot any more. A payload is so written once, by the worker, and read once, by the server: no
 pickling, no object-store copy, and no Ray call per message, which cost 0.35-2 ms of CPU on each
-side per message on the README's machine (0.5 ms in the actor for a tiny argument, 1.3 ms more in
-the caller for 5 MB). The other way, the server writes the worker's next order into the ring's
+side per message on the 2-core AMD EPYC machine of docs/performance.md (0.5 ms in the actor for a
+tiny argument, 1.3 ms more in the caller for 5 MB). The other way, the server writes the worker's next order into the ring's
 order area and then its epoch, which the worker polls: 4 concurrent ``begin_epoch`` calls took
 3 ms with orders under Ray's 100 KiB inline limit and 8 ms above it.
 
@@ -32,7 +32,7 @@ server's polling alone picks the messages up.
 
 Huge pages: the server reads every payload from the ring; from 4 KiB pages that took 20-40% longer
 than from 2 MiB ones until its kernel prefetched across page boundaries, and still takes up to 11%
-longer through the actor (README, "Performance"). Both sides ask for huge pages
+longer through the actor (docs/performance.md). Both sides ask for huge pages
 (``madvise(MADV_HUGEPAGE)``); the kernel gives them where the ring's file system allows: a tmpfs
 mounted with ``-o huge=within_size``, ``always`` or ``advise`` (``ordering.ring_directory``), which
 /dev/shm usually is not.

@@ -6,7 +6,9 @@ to bottom: fetch the epoch's orders, run the steps (per-unit gradients of every 
 workers of their mean gradients, optimizer and LR schedule, the ordering's inputs handed on),
 evaluate, and write the epoch row and a checkpoint. What differs between backends (where orders
 come from, how a step's sum over workers is formed, where the ordering's inputs go, how a
-checkpoint is kept) sits behind ``Workers``. This module imports no Ray.
+checkpoint is kept) sits behind ``Workers``. Its parts: ``TrialState`` (what a process trains, and
+its checkpoints), ``HerdingProbe`` (the herding bound of an epoch's orders), ``FaultInjector``
+(test-only faults) and ``TrainingLoop`` (the epochs and steps). This module imports no Ray.
 
 Shards: the task's training examples are cut into units (1 example, or ``microbatch_size``
 consecutive examples for ``unit: microbatch``); worker w owns units [w*n, (w+1)*n) with
@@ -19,7 +21,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from orderlab import results
-from orderlab.config import ExperimentConfig, FaultPoint, TrainConfig
+from orderlab.config import ExperimentConfig, FaultPoint, FaultsConfig, TrainConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import (
     assign_flat_gradient,
@@ -118,8 +120,9 @@ def plan_trial(
 
 
 def ordering_spec(cfg: ExperimentConfig, plan: TrialPlan) -> OrderingSpec:
-    """The trial's ordering settings: its shards, its seed, ``cfg.ordering``'s rules, and the length of
-    the vectors the ordering balances (the sketch length when ``ordering.sketch_dim`` is set)."""
+    """The trial's ordering settings: its shards, its seed, ``cfg.ordering``'s rules, the length of
+    the vectors the ordering balances (the sketch length when ``ordering.sketch_dim`` is set), and
+    its balancing threads (``ordering.server_threads``)."""
     ordering = cfg.ordering
     return OrderingSpec(
         num_workers=plan.num_workers,
@@ -129,6 +132,7 @@ def ordering_spec(cfg: ExperimentConfig, plan: TrialPlan) -> OrderingSpec:
         first_epoch=ordering.first_epoch,
         balance=ordering.balance,
         balance_c=ordering.balance_c,
+        threads=ordering.server_threads,
     )
 
 
@@ -237,6 +241,35 @@ def fires_once(
     return results.create_marker(results_root, f"_faults/{trial_id}/{fault}")
 
 
+class FaultInjector:
+    """The test-only faults of ``faults`` (``FaultsConfig``) for the ranks a process runs, each at
+    most once per trial: ``exit_worker`` ends the process (``os._exit(1)``), ``kill_order_server``
+    calls ``kill_order_server``."""
+
+    def __init__(
+        self,
+        faults: FaultsConfig,
+        *,
+        ranks: range,
+        results_root: str,
+        trial_id: str,
+        kill_order_server: Callable[[], None],
+    ) -> None:
+        self.faults, self.ranks, self.kill_order_server = faults, ranks, kill_order_server
+        self.results_root, self.trial_id = results_root, trial_id
+
+    def at(self, epoch: int, step: int) -> None:
+        """Fire the faults whose point is (``epoch``, ``step``, a rank of this process)."""
+        for rank in self.ranks:
+            where = (epoch, step, rank)
+            if fires_once(self.results_root, self.trial_id, "exit_worker", self.faults.exit_worker, *where):
+                os._exit(1)
+            if fires_once(
+                self.results_root, self.trial_id, "kill_order_server", self.faults.kill_order_server, *where
+            ):
+                self.kill_order_server()
+
+
 class Workers(Protocol):
     """What a backend does for the loop, for the ranks its process runs.
 
@@ -252,7 +285,8 @@ class Workers(Protocol):
 
     @property
     def wait_seconds(self) -> float:
-        """Seconds this epoch waited to send to the order server (in-flight bound, flush)."""
+        """Seconds this epoch waited to send to the order server (the in-flight bound, a free ring
+        slot, the flush): ``epochs.send_wait_seconds``, not compute and not ``order_wait_seconds``."""
 
     def start(self, state: dict[str, Any] | None) -> None:
         """Begin a run of the loop from checkpoint ``state`` (None: from scratch)."""
@@ -316,6 +350,118 @@ class RankStates:
         self.states[index] = [module.state for module in self.modules]
 
 
+@dataclass
+class TrialState:
+    """What a process trains for its ranks: the task, their shard, the model (initialised alike on
+    every worker), its optimizer and LR schedule, and the stateful model's per-rank state.
+
+    ``build`` makes it from the config; ``checkpoint`` and ``restore`` carry it across restarts.
+    """
+
+    task: Task
+    shard: Shard
+    model: nn.Module
+    rank_states: RankStates
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, plan: TrialPlan, ranks: range, device: torch.device) -> TrialState:
+        """Load the task's data and cut the ranks' shard; build the model, optimizer and schedule.
+
+        Raises:
+            OrderlabError: missing or corrupt data files.
+        """
+        task = make_task(cfg.task.name, cfg.task.options)
+        data = load_task_data(task, cfg.task.data_dir, cfg.task.train_examples)
+        data = task.arrange(data, plan.num_workers, cfg.train.microbatch_size)
+        model = build_model(task, cfg.seed).to(device)
+        optimizer = make_optimizer(cfg.train, model)
+        return cls(
+            task=task,
+            shard=Shard(data, plan, ranks, device),
+            model=model,
+            rank_states=RankStates(model, len(ranks)),
+            optimizer=optimizer,
+            scheduler=make_lr_scheduler(cfg.train, optimizer, plan.steps_per_epoch),
+        )
+
+    def checkpoint(self, epoch: int, ordering_state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint after ``epoch``: model, optimizer, scheduler, torch RNG state, the epoch and
+        ``ordering_state`` (the ordering's, once it has every item of the epoch)."""
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "server": ordering_state,
+        }
+
+    def restore(self, checkpoint: dict[str, Any]) -> int:
+        """Load a ``checkpoint`` into model, optimizer, scheduler and RNG; return the epoch to train next."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"])
+        return int(checkpoint["epoch"]) + 1
+
+
+class HerdingProbe:
+    """The parallel herding bound of an epoch's orders, measured at the weights the epoch starts from
+    (docs/orderings.md, "Measures").
+
+    Per-unit gradients of a fixed random subsample of ``metrics.herding_units`` local units of each
+    rank (seeded from (seed, rank)), each worker's subsample taken in the order the epoch visits it.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        plan: TrialPlan,
+        trial: TrialState,
+        *,
+        ranks: range,
+        gather: Callable[[torch.Tensor], torch.Tensor | None],
+        device: torch.device,
+    ) -> None:
+        self.seed, self.unit, self.plan, self.trial = cfg.seed, cfg.train.unit, plan, trial
+        self.ranks, self.gather, self.device = ranks, gather, device
+        self.count = min(cfg.metrics.herding_units or plan.shard_size, plan.shard_size)
+
+    def measure(self, orders: np.ndarray) -> float | None:
+        """The bound of ``orders`` (int64 [len(ranks), shard_size]) over every rank, or None where
+        this process writes no results (``gather`` collects every rank's [count, d] gradients)."""
+        grads = torch.empty(len(self.ranks), self.count, self.plan.dim, device=self.device)
+        for index, (rank, order) in enumerate(zip(self.ranks, orders, strict=True)):
+            generator = rng_for(self.seed, rank, 0, DATA)
+            units = torch.randperm(self.plan.shard_size, generator=generator)[: self.count]
+            first_visit = np.full(self.plan.shard_size, len(order), dtype=np.int64)
+            np.minimum.at(first_visit, order, np.arange(len(order)))  # with-replacement may repeat units
+            units = units[np.argsort(first_visit[units.numpy()], kind="stable")]
+            grads[index] = self.unit_gradients(index, units.numpy())  # [count, d], in visiting order
+        vectors = self.gather(grads)  # on the device: NCCL needs device tensors
+        if vectors is None:
+            return None
+        return parallel_herding_bound(
+            vectors.cpu(), torch.arange(self.count).repeat(self.plan.num_workers, 1)
+        )
+
+    def unit_gradients(self, index: int, units: np.ndarray) -> torch.Tensor:
+        """Flat gradients [len(units), d] of the ``index``-th rank's local units at the current weights
+        (per-example gradients in batches of 256 for example units; one backward per unit for
+        microbatch units)."""
+        model, loss, shard = self.trial.model, self.trial.task.loss, self.trial.shard
+        if self.unit == "example" and vmap_problem(model) is None:
+            batches = [shard.rank_batch(index, units[i : i + 256]) for i in range(0, len(units), 256)]
+            return torch.cat([per_example_gradients(model, loss, *batch)[0] for batch in batches])
+        grads = []
+        for unit in units:
+            reset_model_state(model)  # each unit measured from the same state
+            grads.append(microbatch_gradient(model, loss, *shard.rank_batch(index, np.array([unit])))[0])
+        return torch.stack(grads)
+
+
 class TrainingLoop:
     """One trial's training for the ranks of ``workers``: task, shard, model, optimizer, schedule.
 
@@ -337,17 +483,23 @@ class TrainingLoop:
     ) -> None:
         self.cfg, self.plan, self.workers, self.device = cfg, plan, workers, device
         self.trial_id, self.results_root = trial_id, results_root
-        self.task = make_task(cfg.task.name, cfg.task.options)
-        data = load_task_data(self.task, cfg.task.data_dir, cfg.task.train_examples)
-        data = self.task.arrange(data, plan.num_workers, cfg.train.microbatch_size)
-        self.shard = Shard(data, plan, workers.ranks, device)
-        self.model = build_model(self.task, cfg.seed).to(device)
-        self.rank_states = RankStates(self.model, len(workers.ranks))
+        self.trial = TrialState.build(cfg, plan, workers.ranks, device)
+        self.task, self.shard, self.model = self.trial.task, self.trial.shard, self.trial.model
         self.per_example = plan.needs_gradients and cfg.train.unit == "example"
         if self.per_example:
             check_vmappable(self.model)
-        self.optimizer = make_optimizer(cfg.train, self.model)
-        self.scheduler = make_lr_scheduler(cfg.train, self.optimizer, plan.steps_per_epoch)
+        self.herding: HerdingProbe | None = None
+        if cfg.metrics.herding:
+            self.herding = HerdingProbe(
+                cfg, plan, self.trial, ranks=workers.ranks, gather=workers.gather, device=device
+            )
+        self.faults = FaultInjector(
+            cfg.faults,
+            ranks=workers.ranks,
+            results_root=results_root,
+            trial_id=trial_id,
+            kill_order_server=workers.kill_order_server,
+        )
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs; return what the trial records: status (completed or
@@ -356,7 +508,7 @@ class TrainingLoop:
         start = self.restore_checkpoint()
         for epoch in range(start, self.cfg.train.epochs):
             orders, wait_seconds = self.workers.fetch_orders(epoch)
-            herding = self.measure_herding(orders) if self.cfg.metrics.herding else None
+            herding = self.herding.measure(orders) if self.herding is not None else None
             times, diverged = self.run_epoch(epoch, orders)
             times.order_wait_seconds += wait_seconds
             times.epoch_seconds += wait_seconds
@@ -374,10 +526,10 @@ class TrainingLoop:
         """
         times, started, diverged = EpochTimes(), time.perf_counter(), None
         self.model.train()
-        self.rank_states.reset()  # the LSTM carries its hidden state across the epoch's chunks
+        self.trial.rank_states.reset()  # the LSTM carries its hidden state across the epoch's chunks
         k = self.plan.units_per_step
         for step in range(self.plan.steps_per_epoch):
-            self.inject_faults(epoch, step)
+            self.faults.at(epoch, step)
             step_started = time.perf_counter()
             inputs, targets = self.shard.batch(orders[:, step * k : (step + 1) * k])
             unit_grads, reduced = self.step_gradients(inputs, targets)  # reduced: [sum of gradients; loss]
@@ -388,8 +540,8 @@ class TrainingLoop:
                 diverged = f"non-finite {what} at epoch {epoch}, step {step}"
                 break
             assign_flat_gradient(self.model, reduced[:-1] / self.plan.num_workers, self.cfg.train.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
+            self.trial.optimizer.step()
+            self.trial.scheduler.step()
             if unit_grads is not None:
                 self.workers.observe(unit_grads)
             times.compute_seconds += time.perf_counter() - step_started - allreduce_seconds
@@ -412,13 +564,13 @@ class TrainingLoop:
         """
         num_ranks = len(self.workers.ranks)
         per_rank_gradients = self.plan.needs_gradients and not self.per_example  # microbatch units
-        if not self.rank_states.modules and not per_rank_gradients:
+        if not self.trial.rank_states.modules and not per_rank_gradients:
             return self.gradients(inputs, targets, groups=num_ranks)
         parts = []
         for index, (rank_inputs, rank_targets) in enumerate(
             zip(inputs.chunk(num_ranks), targets.chunk(num_ranks), strict=True)
         ):
-            with self.rank_states.of_rank(index):
+            with self.trial.rank_states.of_rank(index):
                 parts.append(self.gradients(rank_inputs, rank_targets, groups=1))
         rank_grads = [grads for grads, _ in parts if grads is not None]  # every rank's, or none
         unit_grads = torch.cat(rank_grads) if rank_grads else None
@@ -435,55 +587,6 @@ class TrainingLoop:
         grad, losses = microbatch_gradient(self.model, self.task.loss, inputs, targets, groups)
         microbatch_grads = grad.view(1, 1, -1) if self.plan.needs_gradients else None
         return microbatch_grads, torch.cat([grad, losses.sum().view(1)])
-
-    def inject_faults(self, epoch: int, step: int) -> None:
-        """Test-only faults of ``cfg.faults``, each at most once per trial."""
-        faults = self.cfg.faults
-        for rank in self.workers.ranks:
-            where = (epoch, step, rank)
-            if fires_once(self.results_root, self.trial_id, "exit_worker", faults.exit_worker, *where):
-                os._exit(1)
-            if fires_once(
-                self.results_root, self.trial_id, "kill_order_server", faults.kill_order_server, *where
-            ):
-                self.workers.kill_order_server()
-
-    def measure_herding(self, orders: np.ndarray) -> float | None:
-        """Parallel herding bound of this epoch's orders (None where this process writes no results).
-
-        Per-unit gradients of a fixed random subsample of ``metrics.herding_units`` local units of
-        each rank (seeded from (seed, rank)), at the weights the epoch starts from; each worker's
-        subsample is taken in the order the epoch visits it (docs/orderings.md, "Measures").
-        """
-        count = min(self.cfg.metrics.herding_units or self.plan.shard_size, self.plan.shard_size)
-        grads = torch.empty(len(self.workers.ranks), count, self.plan.dim, device=self.device)
-        for index, (rank, order) in enumerate(zip(self.workers.ranks, orders, strict=True)):
-            generator = rng_for(self.cfg.seed, rank, 0, DATA)
-            units = torch.randperm(self.plan.shard_size, generator=generator)[:count]
-            first_visit = np.full(self.plan.shard_size, len(order), dtype=np.int64)
-            np.minimum.at(first_visit, order, np.arange(len(order)))  # with-replacement may repeat units
-            units = units[np.argsort(first_visit[units.numpy()], kind="stable")]
-            grads[index] = self.unit_gradients(index, units.numpy())  # [count, d], in visiting order
-        vectors = self.workers.gather(grads)  # on the device: NCCL needs device tensors
-        if vectors is None:
-            return None
-        return parallel_herding_bound(vectors.cpu(), torch.arange(count).repeat(self.plan.num_workers, 1))
-
-    def unit_gradients(self, index: int, units: np.ndarray) -> torch.Tensor:
-        """Flat gradients [len(units), d] of the ``index``-th rank's local units at the current weights
-        (per-example gradients in batches of 256 for example units; one backward per unit for
-        microbatch units)."""
-        if self.cfg.train.unit == "example" and vmap_problem(self.model) is None:
-            batches = [self.shard.rank_batch(index, units[i : i + 256]) for i in range(0, len(units), 256)]
-            return torch.cat(
-                [per_example_gradients(self.model, self.task.loss, *batch)[0] for batch in batches]
-            )
-        grads = []
-        for unit in units:
-            reset_model_state(self.model)  # each unit measured from the same state
-            batch = self.shard.rank_batch(index, np.array([unit]))
-            grads.append(microbatch_gradient(self.model, self.task.loss, *batch)[0])
-        return torch.stack(grads)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -526,7 +629,7 @@ class TrainingLoop:
             "epoch": epoch,
             **metrics,
             "val_metric_name": self.task.metric_name,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.trial.optimizer.param_groups[0]["lr"],
             "herding": herding,
             **asdict(times),
         }
@@ -535,16 +638,7 @@ class TrainingLoop:
             return
         row["order_digest"] = self.workers.order_digest(epoch)
         results.write_epoch(self.results_root, row)
-        state = None
-        if checkpoint:
-            state = {
-                "epoch": epoch,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "server": self.workers.ordering_state(epoch),  # once all ranks' items of the epoch are in
-            }
+        state = self.trial.checkpoint(epoch, self.workers.ordering_state(epoch)) if checkpoint else None
         self.workers.report(row, state)
 
     def restore_checkpoint(self) -> int:
@@ -555,13 +649,9 @@ class TrainingLoop:
         checkpoint folders exist, and the ordering returns to its state at that epoch.
         """
         state = self.workers.latest_checkpoint()
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
+        start = 0 if state is None else self.trial.restore(state)
         self.workers.start(state)
-        return 0 if state is None else int(state["epoch"]) + 1
+        return start
 
     def test_metrics(self, status: str) -> str | None:
         """The task's held-out test metrics of the final model as JSON (where this process writes

@@ -23,8 +23,8 @@ from orderlab.config import ExperimentConfig
 from orderlab.errors import OrderlabError
 from orderlab.grads import CountSketch
 from orderlab.loop import TrainingLoop, TrialPlan, ordering_spec
-from orderlab.orderings import PairStream, make_ordering, order_digest, set_balance_threads
-from orderlab.wire import PAYLOAD_DTYPES
+from orderlab.orderings import make_ordering, order_digest
+from orderlab.send_buffer import SendBuffer
 
 #: ``report(row, checkpoint)``: receives each epoch's row and, when given, a checkpoint to keep
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
@@ -33,11 +33,9 @@ Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
 class InProcessOrdering:
     """An ordering fed in process with what W workers would send its order server.
 
-    Per step, ``add(unit_grads [W, k, d])`` forms the pair differences g_first - g_second of pairs
-    completed so far (``pair-balance``/``cd-grab``; pairs may straddle steps) or takes the unit
-    gradients (``grab``), sketches them when a sketch is given, writes them once into a reused
-    buffer in ``payload_dtype`` (the worker's ``torch.sub(..., out=)`` into its send buffer, so the
-    same bits), and balances them (``observe_items``).
+    Per step, ``add(unit_grads [W, k, d])`` writes the step's items into a ``SendBuffer`` (the one a
+    Ray Train worker sends from: pair differences or unit gradients, sketched, in
+    ``payload_dtype``, so the same bits) and balances them (``observe_items``).
 
     Args:
         cfg: the trial's config (ordering settings, seed). plan: its sizes.
@@ -46,47 +44,21 @@ class InProcessOrdering:
 
     def __init__(self, cfg: ExperimentConfig, plan: TrialPlan, sketch: CountSketch | None) -> None:
         self.ordering = make_ordering(cfg.ordering.name, ordering_spec(cfg, plan))
-        self.message_kind, self.sketch = plan.message_kind, sketch
-        self.payload_dtype = PAYLOAD_DTYPES[cfg.ordering.payload_dtype]
-        self.pairs = PairStream()
-        self.buffer = torch.empty(0)
+        self.buffer = SendBuffer(plan.message_kind, sketch=sketch, payload_dtype=cfg.ordering.payload_dtype)
         self.orders: np.ndarray | None = None
 
     def begin_epoch(self) -> np.ndarray:
         """The next epoch's orders, int64 [W, shard_size]."""
-        self.pairs.reset()  # odd shard size: the last unit pairs with nothing
+        self.buffer.begin_epoch()
         self.orders = self.ordering.begin_epoch().numpy()
         return self.orders
 
     def add(self, unit_grads: torch.Tensor) -> None:
         """Balance what a step's unit gradients [W, k, d] float32 give (``unit_grads`` must not be
         written to afterwards: an unpaired unit is kept as a view)."""
-        if self.message_kind == "pair_differences":
-            for firsts, seconds in self.pairs.pairs(unit_grads):
-                self.ordering.observe_items(self._items(firsts, seconds))
-        else:
-            self.ordering.observe_items(self._items(unit_grads))
-
-    def _items(self, rows: torch.Tensor, subtract: torch.Tensor | None = None) -> torch.Tensor:
-        """``rows`` (minus ``subtract``) [W, p, d], sketched, in the payload dtype: a view of the buffer."""
-        if self.sketch is not None:
-            difference = rows if subtract is None else rows - subtract
-            rows = self.sketch(difference.reshape(-1, difference.shape[-1])).view(*difference.shape[:-1], -1)
-            subtract = None
-        shape = rows.shape
-        buffer = self.buffer
-        if (
-            buffer.numel() < rows.numel()
-            or buffer.dtype != self.payload_dtype
-            or buffer.device != rows.device
-        ):
-            self.buffer = torch.empty(rows.numel(), dtype=self.payload_dtype, device=rows.device)
-        target = self.buffer[: rows.numel()].view(shape)
-        if subtract is None:
-            target.copy_(rows)
-        else:
-            torch.sub(rows, subtract, out=target)
-        return target
+        for items in self.buffer.write(unit_grads):
+            self.ordering.observe_items(items)
+        self.buffer.clear()
 
 
 class SimulatedWorkers:
@@ -113,7 +85,6 @@ class SimulatedWorkers:
     ) -> None:
         self.ranks = range(plan.num_workers)
         self.checkpoint, self.report_to = checkpoint, report
-        set_balance_threads(cfg.ordering.server_threads)
         sketch = None
         if cfg.ordering.sketch_dim is not None and plan.needs_gradients:
             sketch = CountSketch(plan.dim, cfg.ordering.sketch_dim, cfg.seed, trial_device(cfg))

@@ -1,6 +1,6 @@
 """Ray Tune sweeps: config -> param space -> one function trainable per trial -> Parquet results.
 
-Train V2 inside Tune, the supported way (docs/ray-notes.md): each Tune trial function creates the
+Train V2 inside Tune, the supported way (docs/architecture.md, "Data flow of one trial"): each Tune trial function creates the
 trial's order server (0 CPU, owned by the trial) and a ``TorchTrainer`` named after the trial, and
 calls ``fit()``. Rank 0 forwards its per-epoch report to Tune through ``TuneReportCallback``.
 Only this module and the CLI call ``ray.init``.
@@ -224,7 +224,6 @@ def ray_train_trial(
     server: Any = RemoteOrderServer.remote(
         cfg.ordering.name,
         ordering_spec(cfg, plan),
-        threads=cfg.ordering.server_threads,
         payload_dtype=cfg.ordering.payload_dtype,
     )
     resources = cfg.resources

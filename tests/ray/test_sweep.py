@@ -15,10 +15,10 @@ from ray import tune
 import orderlab
 from orderlab import results
 from orderlab.errors import OrderlabError
+from orderlab.messaging import message_transport
 from orderlab.orderings import OrderingSpec
 from orderlab.server import RemoteOrderServer
 from orderlab.tasks import resolve_data_dir
-from orderlab.worker import message_transport
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]

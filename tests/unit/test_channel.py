@@ -33,6 +33,7 @@ from test_server import (
 from orderlab import channel
 from orderlab import server as server_module
 from orderlab.channel import MessageRing, memory_fence
+from orderlab.order_queue import OrderServerRestarted
 from orderlab.server import OrderServer
 
 
@@ -209,15 +210,21 @@ async def run_ring_epochs(
         ring.unlink()
         assert server.has_ring(rank, ring.path)
     orders = [await all_orders(server, 0, num_workers)]
+    assert_orders_in_rings(rings, 0, orders[-1])  # epoch 0's came with the attach
     for epoch in range(num_epochs):
         items = worker_items(message_kind(name), visiting_gradients(grads[epoch], orders[-1])).astype(dtype)
         await publish_epoch(server, rings, epoch, items, rng, generation)
         orders.append(await asyncio.wait_for(all_orders(server, epoch + 1, num_workers), timeout=10))
         assert all(ring.released == ring.published for ring in rings)  # every slot handed back
-        for rank, ring in enumerate(rings):  # each worker's order is in its ring too
-            order, waited = ring.wait_for_order(epoch + 1, keep_waiting=lambda: pytest.fail("no order"))
-            np.testing.assert_array_equal(order, orders[-1][rank])
+        assert_orders_in_rings(rings, epoch + 1, orders[-1])
     return orders
+
+
+def assert_orders_in_rings(rings: list[MessageRing], epoch: int, orders: np.ndarray) -> None:
+    """Each worker's order of ``epoch`` is in its ring (what a worker on a ring fetches)."""
+    for rank, ring in enumerate(rings):
+        order, _ = ring.wait_for_order(epoch, keep_waiting=lambda: pytest.fail(f"no order for epoch {epoch}"))
+        np.testing.assert_array_equal(order, orders[rank])
 
 
 @pytest.mark.parametrize("name", GRADIENT_ORDERINGS)
@@ -257,7 +264,7 @@ def test_stale_generations_are_released_and_a_restarted_server_is_detected(tmp_p
         ring.slot_array(3, np.float32)[:2] = 1.0
         ring.publish(0, 0, 0, 2, 3, np.float32, generation - 1)  # a crashed group's message
         await until(lambda: ring.released == 1, "the stale message's slot handed back")
-        assert server.cursor == 0  # dropped, not applied
+        assert server.queue.cursor == 0  # dropped, not applied
         with pytest.raises(RuntimeError, match="restarted"):
             await server.begin_epoch(1, 0, generation + 1)
         restarted = make_server(**SMALL_SERVER)
@@ -287,14 +294,15 @@ def test_a_failed_poller_is_reported_and_the_next_generation_polls_again(tmp_pat
 def test_an_idle_poller_wakes_at_once(wake: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(server_module, "RING_POLL_SECONDS", (60.0, 60.0))  # idle polls a minute apart
     server = make_server(**SMALL_SERVER)
-    wait_for_wake, idle = server._wait_for_wake, asyncio.Event()
+    poller = server.rings
+    wait_for_wake, idle = poller._wait_for_wake, asyncio.Event()
 
     async def recording_wait_for_wake(seconds: float) -> bool:
-        if not server._wake.is_set():  # about to sleep for the whole minute unless woken
+        if not poller._wake.is_set():  # about to sleep for the whole minute unless woken
             idle.set()
         return await wait_for_wake(seconds)
 
-    monkeypatch.setattr(server, "_wait_for_wake", recording_wait_for_wake)
+    monkeypatch.setattr(poller, "_wait_for_wake", recording_wait_for_wake)
 
     async def scenario() -> None:
         generation, ring = await new_generation_with_ring(server, str(tmp_path))
@@ -333,7 +341,7 @@ def test_a_restarted_server_refuses_a_snapshot_instead_of_waiting_forever() -> N
     server = make_server(**SMALL_SERVER)  # as Ray restarts it: generation 0, no rings, epoch 0
 
     async def scenario() -> None:
-        with pytest.raises(server_module.OrderServerRestarted, match="generation 0, the worker group at 3"):
+        with pytest.raises(OrderServerRestarted, match="generation 0, the worker group at 3"):
             await asyncio.wait_for(server.snapshot(0, generation=3), timeout=5)
 
     asyncio.run(scenario())

@@ -20,8 +20,8 @@ from orderlab.orderings._balance import (
     _sweep_in_parallel,
     fused_balance,
     rank_arrays,
-    set_balance_threads,
 )
+from orderlab.orderings.spec import OrderingSpec
 
 
 def plain_rule(running_sum: np.ndarray, vectors: list[np.ndarray]) -> list[bool]:
@@ -68,13 +68,8 @@ def test_fused_balance_on_threads_gives_the_signs_and_sums_of_one_thread(dtype: 
     arrays = tuple(rank_arrays(list(arrays), 3, dim, "pair_differences"))
     serial_sum, threaded_sum = np.zeros(dim, np.float32), np.zeros(dim, np.float32)
     serial = fused_balance(serial_sum, arrays)
-    set_balance_threads(2)
-    try:
-        threaded = SignRule(balance="deterministic", balance_c=1.0, seed=0, num_sums=1).balance_rows(
-            threaded_sum, list(arrays), 0
-        )
-    finally:
-        set_balance_threads(1)
+    rule = SignRule(balance="deterministic", balance_c=1.0, seed=0, num_sums=1, threads=2)
+    threaded = rule.balance_rows(threaded_sum, list(arrays), 0)
     assert _sweep_in_parallel.signatures  # the threaded kernel made its passes with the parallel sweep
     np.testing.assert_array_equal(threaded, serial)
     np.testing.assert_array_equal(threaded_sum, serial_sum)
@@ -86,13 +81,11 @@ def test_fused_balance_on_threads_gives_the_signs_and_sums_of_one_thread(dtype: 
     np.testing.assert_array_equal(serial_sum, plain_sum)
 
 
-def test_set_balance_threads_rejects_zero_and_caps_at_numbas_threads() -> None:
+def test_balancing_threads_must_be_positive_and_are_capped_at_numbas_threads() -> None:
     with pytest.raises(OrderlabError, match="server_threads=0"):
-        set_balance_threads(0)
-    try:
-        assert set_balance_threads(10_000) == numba.config.NUMBA_NUM_THREADS
-    finally:
-        set_balance_threads(1)
+        OrderingSpec(num_workers=1, shard_size=2, dim=3, threads=0)
+    rule = SignRule(balance="deterministic", balance_c=1.0, seed=0, num_sums=1, threads=10_000)
+    assert rule.threads == numba.config.NUMBA_NUM_THREADS
 
 
 def test_fused_balance_widens_every_half_and_bfloat16_value_exactly() -> None:

@@ -19,7 +19,7 @@ import torch
 
 from orderlab.orderings import OrderingSpec, make_ordering
 from orderlab.orderings import _balance as balance_module
-from orderlab.orderings._balance import PARALLEL_MIN_DIM, set_balance_threads
+from orderlab.orderings._balance import PARALLEL_MIN_DIM
 from orderlab.server import OrderMessage, OrderServer
 
 GRADIENT_ORDERINGS = ("grab", "pair-balance", "cd-grab")
@@ -169,12 +169,9 @@ def test_server_threads_give_the_orders_of_one_thread(name: str) -> None:
     dim = PARALLEL_MIN_DIM + 7
     grads = random_gradients(31, 2, 2, 6, dim)
     expected = reference_orders(name, grads, SEED, np.random.default_rng(0))
-    server = OrderServer(name, OrderingSpec(num_workers=2, shard_size=6, dim=dim, seed=SEED), threads=2)
-    try:
-        assert server.threads == min(2, numba.config.NUMBA_NUM_THREADS)
-        got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(1)))
-    finally:
-        set_balance_threads(1)
+    server = OrderServer(name, OrderingSpec(num_workers=2, shard_size=6, dim=dim, seed=SEED, threads=2))
+    assert server.queue.ordering.state.sign.threads == min(2, numba.config.NUMBA_NUM_THREADS)
+    got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(1)))
     assert_same_orders(got, expected)
 
 
@@ -196,7 +193,9 @@ def test_float16_payloads_equal_rounded_float32_run(name: str) -> None:
     got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(3), dtype=np.float16))
     assert_same_orders(got, expected)
     items_per_rank = SHARD_SIZE if name == "grab" else SHARD_SIZE // 2
-    assert server.bytes_received >= NUM_EPOCHS * NUM_WORKERS * items_per_rank * DIM * 2  # float16: 2 bytes
+    assert (
+        server.queue.bytes_received >= NUM_EPOCHS * NUM_WORKERS * items_per_rank * DIM * 2
+    )  # float16: 2 bytes
 
 
 @pytest.mark.parametrize("name", GRADIENT_ORDERINGS)
@@ -206,7 +205,7 @@ def test_loading_the_kernel_at_start_up_changes_no_order(name: str, payload_dtyp
     expected = reference_orders(name, grads, SEED, np.random.default_rng(0))
     spec = OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=DIM, seed=SEED)
     server = OrderServer(name, spec, payload_dtype=payload_dtype)
-    assert server.cursor == 0 and server.bytes_received == 0
+    assert server.queue.cursor == 0 and server.queue.bytes_received == 0
     got = asyncio.run(run_server_epochs(server, name, grads, np.random.default_rng(4)))
     assert_same_orders(got, expected)
 
@@ -216,7 +215,7 @@ def test_gradient_free_orderings_need_no_push(name: str) -> None:
     ordering = make_ordering(name, num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, seed=SEED)
     expected = [ordering.begin_epoch().numpy() for _ in range(4)]
     server = OrderServer(name, OrderingSpec(num_workers=NUM_WORKERS, shard_size=SHARD_SIZE, dim=0, seed=SEED))
-    assert not server.needs_gradients
+    assert not server.queue.needs_gradients
 
     async def scenario() -> list[np.ndarray]:
         got = []
@@ -229,7 +228,7 @@ def test_gradient_free_orderings_need_no_push(name: str) -> None:
         return got
 
     assert_same_orders(asyncio.run(scenario()), expected)
-    assert server.bytes_received == 0
+    assert server.queue.bytes_received == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,7 +278,7 @@ def test_push_applies_only_items_every_rank_has_sent() -> None:
         return applied
 
     assert asyncio.run(scenario()) == [0, 0, 0, 2, 3]
-    assert server.epoch == 0 and server.cursor == 3
+    assert server.queue.epoch == 0 and server.queue.cursor == 3
 
 
 def test_bytes_received_counts_each_payload_once() -> None:
@@ -298,8 +297,10 @@ def test_bytes_received_counts_each_payload_once() -> None:
         await server.push([rank0_second, rank1_first])  # replays of the finished epoch
 
     asyncio.run(scenario())
-    assert server.epoch == 1
-    assert server.bytes_received == 3 * 2 * DIM * 4 + 2 * DIM * 2  # three float32 chunks, one float16 chunk
+    assert server.queue.epoch == 1
+    assert (
+        server.queue.bytes_received == 3 * 2 * DIM * 4 + 2 * DIM * 2
+    )  # three float32 chunks, one float16 chunk
 
 
 def test_bytes_received_ignores_replay_of_partly_applied_message() -> None:
@@ -314,8 +315,8 @@ def test_bytes_received_ignores_replay_of_partly_applied_message() -> None:
         await server.push([OrderMessage(0, 2, 1, grads[1, 2:].copy())])
 
     asyncio.run(scenario())
-    assert server.epoch == 1
-    assert server.bytes_received == (4 + 4) * DIM * 4
+    assert server.queue.epoch == 1
+    assert server.queue.bytes_received == (4 + 4) * DIM * 4
 
 
 def test_pair_ordering_with_one_unit_per_shard_advances_without_messages() -> None:
@@ -376,12 +377,12 @@ def test_restore_at_epoch_boundary_continues_identically(name: str) -> None:
         await run_server_epochs(source, name, grads[:1], np.random.default_rng(1))  # epoch 0 complete
         state = await source.snapshot()
         assert state["epoch"] == 1 and state["cursor"] == 0
-        bytes_at_boundary = source.bytes_received
+        bytes_at_boundary = source.queue.bytes_received
 
         # a fresh server, through a checkpoint file's round trip
         fresh = make_server(name)
         fresh.restore(checkpoint_round_trip(state))
-        assert fresh.bytes_received == bytes_at_boundary
+        assert fresh.queue.bytes_received == bytes_at_boundary
         np.testing.assert_array_equal(await all_orders(fresh, 0, NUM_WORKERS), expected[0])
         assert_same_orders(await continue_from(fresh, 1), expected[1:])
 
@@ -389,9 +390,9 @@ def test_restore_at_epoch_boundary_continues_identically(name: str) -> None:
         items = worker_items(message_kind(name), visiting_gradients(grads[1], expected[1]))
         await source.push([OrderMessage(1, 0, rank, items[rank, :2].copy()) for rank in range(NUM_WORKERS)])
         await source.push([OrderMessage(1, 2, 0, items[0, 2:3].copy())])
-        assert source.cursor == 2
+        assert source.queue.cursor == 2
         source.restore(state)
-        assert source.cursor == 0 and source.bytes_received == bytes_at_boundary
+        assert source.queue.cursor == 0 and source.queue.bytes_received == bytes_at_boundary
         assert_same_orders(await continue_from(source, 1), expected[1:])
 
     asyncio.run(scenario())

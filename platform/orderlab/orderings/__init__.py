@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from orderlab.errors import OrderlabError
-from orderlab.orderings._balance import Items, PairStream, set_balance_threads, widen
+from orderlab.orderings._balance import Items, PairStream, widen
 from orderlab.orderings.spec import OrderingSpec
 
 MessageKind = Literal["none", "unit_gradients", "pair_differences"]
@@ -139,6 +139,5 @@ __all__ = [
     "order_digest",
     "ordering_class",
     "register_ordering",
-    "set_balance_threads",
     "widen",
 ]

@@ -20,7 +20,6 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from orderlab.errors import OrderlabError
 from orderlab.orderings.spec import OrderingSpec
 from orderlab.seeding import BALANCE, ORDER, rng_for
 
@@ -37,29 +36,6 @@ def first_epoch_orders(num_workers: int, shard_size: int, seed: int, first_epoch
     return torch.stack([random_permutation(shard_size, seed, w, 0) for w in range(num_workers)])
 
 
-#: threads for each pass of the deterministic rule's kernel in this process (``set_balance_threads``)
-_balance_threads = 1
-
-
-def set_balance_threads(threads: int) -> int:
-    """Balance on up to ``threads`` threads in this process (as ``torch.set_num_threads``); returns
-    the count taken: at most numba's ``NUMBA_NUM_THREADS`` (by default the machine's cores).
-
-    Each pass of ``fused_balance`` over r then splits its chunks over the threads when d ≥
-    ``PARALLEL_MIN_DIM``. The signs and sums do not depend on the count. The order server calls
-    this with ``ordering.server_threads``; it hosts one ordering per process.
-
-    Raises:
-        OrderlabError: ``threads`` < 1.
-    """
-    global _balance_threads
-    if threads < 1:
-        raise OrderlabError(f"ordering.server_threads={threads} must be ≥ 1")
-    # numba.config sets its settings through globals(), which a type checker cannot see
-    _balance_threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-    return _balance_threads
-
-
 class SignRule:
     """The balancing sign ε for a running sum r and a vector v (docs/orderings.md).
 
@@ -67,9 +43,16 @@ class SignRule:
     ε = +1 with probability clip(1/2 - <r, v> / (2c), 0, 1), one uniform draw per decision from
     ``rng_for(seed, rank, epoch, BALANCE)``, where ``rank`` is the running sum's index (0 for the
     one shared sum of cd-grab, the worker's rank for per-worker sums).
+
+    Args:
+        threads: threads each pass of the deterministic rule's kernel runs on when d >=
+            ``PARALLEL_MIN_DIM`` (capped at numba's ``NUMBA_NUM_THREADS``; the signs and sums do
+            not depend on it).
     """
 
-    def __init__(self, *, balance: str, balance_c: float, seed: int, num_sums: int) -> None:
+    def __init__(self, *, balance: str, balance_c: float, seed: int, num_sums: int, threads: int = 1) -> None:
+        # numba.config sets its settings through globals(), which a type checker cannot see
+        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
         self.probabilistic = balance == "probabilistic"
         self.balance_c = balance_c
         self.seed = seed
@@ -113,8 +96,8 @@ class SignRule:
             deterministic rule runs ``fused_balance``, one pass over r per two vectors.
         """
         if not self.probabilistic:
-            if _balance_threads > 1 and len(running_sum) >= PARALLEL_MIN_DIM:
-                numba.set_num_threads(_balance_threads)  # numba's count is per calling thread
+            if self.threads > 1 and len(running_sum) >= PARALLEL_MIN_DIM:
+                numba.set_num_threads(self.threads)  # numba's count is per calling thread
                 return fused_balance_in_parallel(running_sum, tuple(arrays))
             return _fused_balance_cached(running_sum, tuple(arrays))
         arrays = [widen(array) for array in arrays]
@@ -196,7 +179,7 @@ CHUNK = 16_384
 #: than from huge pages without this (README, "Performance"), and about as fast with it.
 PAGE_STEP, PREFETCH_AHEAD = 1024, 4096
 
-#: the smallest d that ``SignRule.balance_rows`` balances on several threads (``set_balance_threads``);
+#: the smallest d that ``SignRule.balance_rows`` balances on several threads (``SignRule``'s threads);
 #: below it a sweep is too short to pay for waking them (benchmarks/blocked_balance.py: 0.8× at 1e4)
 PARALLEL_MIN_DIM = 4 * CHUNK
 
@@ -419,7 +402,11 @@ class BalancingEpochs:
         self.name, self.num_workers, self.shard_size = name, spec.num_workers, spec.shard_size
         self.seed, self.first_epoch, self.items_per_epoch = spec.seed, spec.first_epoch, items_per_epoch
         self.sign = SignRule(
-            balance=spec.balance, balance_c=spec.balance_c, seed=spec.seed, num_sums=num_sums
+            balance=spec.balance,
+            balance_c=spec.balance_c,
+            seed=spec.seed,
+            num_sums=num_sums,
+            threads=spec.threads,
         )
         self.running_sum = torch.zeros(num_sums, spec.dim, dtype=torch.float32)
         self.device: torch.device | None = None

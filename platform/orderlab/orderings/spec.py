@@ -20,6 +20,9 @@ class OrderingSpec:
         first_epoch: ``"random"`` (a seeded permutation per worker) or ``"identity"``.
         balance: ``"deterministic"`` (ε=+1 iff <r,v> < 0) or ``"probabilistic"`` (self-balancing walk).
         balance_c: the probabilistic walk's constant c (> 0).
+        threads: threads the deterministic rule balances on (>= 1; capped at numba's
+            ``NUMBA_NUM_THREADS``): each pass over r is split by coordinates when d >=
+            ``PARALLEL_MIN_DIM``. The orders do not depend on it.
 
     Raises:
         OrderlabError: a value out of range or unknown, naming the setting.
@@ -32,6 +35,7 @@ class OrderingSpec:
     first_epoch: str = "random"
     balance: str = "deterministic"
     balance_c: float = 30.0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -50,3 +54,5 @@ class OrderingSpec:
             )
         if self.balance_c <= 0:
             raise OrderlabError(f"ordering.balance_c={self.balance_c} must be > 0")
+        if self.threads < 1:
+            raise OrderlabError(f"ordering.server_threads={self.threads} must be ≥ 1")
