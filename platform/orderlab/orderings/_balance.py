@@ -251,7 +251,7 @@ def fused_balance(running_sum: np.ndarray, arrays: tuple[np.ndarray, ...]) -> np
     (``numba.set_num_threads``; r is sharded by coordinates, and the signs are still decided one
     pass at a time). Compiled by numba on first use (``fused_balance`` is cached on disk).
     ``benchmarks/blocked_balance.py`` measures larger blocks (the Gram matrix of k vectors per
-    pass), which lose on the README's machine.
+    pass), which lose on the 2-core CPU of docs/performance.md.
 
     Args:
         running_sum: float32 [d], updated in place.
