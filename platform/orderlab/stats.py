@@ -206,3 +206,129 @@ def speedup_vs_baseline(
                 low, high = np.quantile(sample, tails)
                 intervals[i] = (float(low), float(high))
     return Speedup(epochs, time, speedup, *intervals[0], time_speedup, *intervals[1])
+
+
+def resample_counts(
+    num_base: int,
+    num_runs: int,
+    *,
+    same: bool,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bootstrap draws of ``speedup_vs_baseline`` as counts: how often each seed is drawn.
+
+    Args:
+        num_base, num_runs: seeds of the baseline and of the compared ordering.
+        same: the compared ordering is the baseline (one draw serves both sides).
+        num_resamples, seed: as in ``speedup_vs_baseline`` (the same draws).
+
+    Returns:
+        base [num_resamples, num_base] and runs [num_resamples, num_runs] float64 counts; each row
+        sums to its number of seeds.
+    """
+    rng = np.random.default_rng(seed)
+    base_rows = rng.integers(0, num_base, size=(num_resamples, num_base))
+    rows = base_rows if same else rng.integers(0, num_runs, size=(num_resamples, num_runs))
+    return (
+        (base_rows[..., None] == np.arange(num_base)).sum(axis=1, dtype=float),
+        (rows[..., None] == np.arange(num_runs)).sum(axis=1, dtype=float),
+    )
+
+
+def _weighted_curve(counts: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """``mean_curve`` of each resample: counts [B, k], curves [P, k, E] -> [P, B, E]."""
+    present = ~np.isnan(curves)
+    totals = counts @ np.where(present, curves, 0.0)
+    drawn = counts @ present.astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(drawn > 0, totals / np.maximum(drawn, 1), np.nan)
+
+
+def _weighted_mean(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mean of each resample, NaN when it draws a NaN: counts [B, k], values [P, k] -> [P, B]."""
+    missing = np.isnan(values)
+    totals = np.where(missing, 0.0, values) @ counts.T
+    return np.where(missing.astype(float) @ counts.T > 0, np.nan, totals / counts.sum(axis=1))
+
+
+def _batched_speedups(
+    base: Runs, runs: Runs, base_counts: np.ndarray, counts: np.ndarray, same: bool
+) -> tuple[np.ndarray, ...]:
+    """``_speedups`` for P pairs at once, the draws given as counts [B, k]: each output [P, B]."""
+    target = _weighted_mean(base_counts, base.finals)
+    base_curve = _weighted_curve(base_counts, base.losses)
+    base_seconds = _weighted_curve(base_counts, base.seconds)
+    curve, seconds = (
+        (base_curve, base_seconds)
+        if same
+        else (_weighted_curve(counts, runs.losses), _weighted_curve(counts, runs.seconds))
+    )
+    base_epochs = epochs_to_target(base_curve, target)
+    base_time = seconds_to_target(base_curve, base_seconds, target)
+    epochs = epochs_to_target(curve, target)
+    time = seconds_to_target(curve, seconds, target)
+    reached = first_reach(curve, target) >= 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        speedup = np.where(reached, base_epochs / epochs, 0.0)
+        time_speedup = np.where(reached, base_time / time, 0.0)
+    return epochs, time, speedup, time_speedup
+
+
+def batched_speedups(
+    base: Runs,
+    runs: Runs,
+    *,
+    same: bool = False,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+    max_elements: int = 2_000_000,
+) -> dict[str, np.ndarray]:
+    """``speedup_vs_baseline`` for P (baseline, ordering) pairs with equal seed counts, vectorised.
+
+    Every pair gets the same draws as ``speedup_vs_baseline`` (they depend only on the seed counts),
+    applied as count-weighted means (matrix products), so the results equal it up to float
+    summation order. Work is done ``max_elements`` resampled curve values at a time.
+
+    Args:
+        base: the baselines, losses/seconds [P, num_base, E_base], finals [P, num_base]; NaN where
+            missing (a padded epoch is missing), num_base >= 1.
+        runs: the compared orderings, [P, num_runs, E] and [P, num_runs], num_runs >= 1.
+        same: each pair compares the baseline with itself (``runs`` is ``base``).
+        num_resamples, seed, confidence: as in ``speedup_vs_baseline``.
+        max_elements: resampled values per chunk of pairs (memory: about 100 bytes each).
+
+    Returns:
+        The fields of ``Speedup`` -> float64 [P].
+    """
+    num_pairs, num_base = base.finals.shape
+    num_runs = runs.finals.shape[-1]
+    ones = (np.ones((1, num_base)), np.ones((1, num_runs)))
+    draws = (
+        resample_counts(num_base, num_runs, same=same, num_resamples=num_resamples, seed=seed)
+        if num_base >= 2 and num_runs >= 2
+        else None
+    )
+    width = max(base.losses.shape[-1], runs.losses.shape[-1])
+    step = max(1, max_elements // (num_resamples * max(width, 1)))
+    out: dict[str, list[np.ndarray]] = {name: [] for name in Speedup.__dataclass_fields__}
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+    for start in range(0, num_pairs, step):
+        chunk = slice(start, start + step)
+        b = Runs(base.losses[chunk], base.seconds[chunk], base.finals[chunk])
+        r = Runs(runs.losses[chunk], runs.seconds[chunk], runs.finals[chunk])
+        epochs, time, speedup, time_speedup = (v[:, 0] for v in _batched_speedups(b, r, *ones, same))
+        speedup = np.where(np.isnan(epochs), np.nan, speedup)  # never reached: undefined, not 0
+        time_speedup = np.where(np.isnan(epochs), np.nan, time_speedup)
+        intervals = [np.full((2, len(epochs)), np.nan) for _ in range(2)]
+        if draws is not None:
+            samples = _batched_speedups(b, r, *draws, same)[2:]
+            for i, (estimate, sample) in enumerate(zip((speedup, time_speedup), samples, strict=True)):
+                valid = ~np.isnan(estimate) & ~np.isnan(sample).any(axis=-1)
+                intervals[i] = np.where(valid, np.quantile(sample, tails, axis=-1), np.nan)
+        for name, value in zip(
+            out, (epochs, time, speedup, *intervals[0], time_speedup, *intervals[1]), strict=True
+        ):
+            out[name].append(value)
+    return {name: np.concatenate(values) if values else np.empty(0) for name, values in out.items()}
