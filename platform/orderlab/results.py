@@ -318,7 +318,7 @@ def _conform(table: pa.Table, name: str) -> pa.Table:
         for f in schema
     ]
     extra = [c for c in table.column_names if c not in schema.names]
-    fields = [pa.field(f.name, f.type) for f in schema] + [table.schema.field(c) for c in extra]
+    fields = [*schema, *(table.schema.field(c) for c in extra)]
     return pa.Table.from_arrays(columns + [table[c] for c in extra], schema=pa.schema(fields))
 
 
