@@ -493,8 +493,8 @@ class _Source:
 def _local_sources(
     con: duckdb.DuckDBPyConnection, root: str, fs: pafs.FileSystem, table: str, files: list[_ResultFile]
 ) -> list[_Source]:
-    """Sources over local files: row and trial files are read now into temporary tables (they are
-    merged and removed as trials end), compacted parts are read at query time."""
+    """Sources over local files: row files are read now into a temporary table (they are removed
+    when their trial's rows are merged), trial files and compacted parts at query time."""
     import duckdb
 
     overlapping = _overlapping_sweeps(files)
@@ -514,7 +514,7 @@ def _local_sources(
                 source = (
                     f"read_parquet([{listed}], union_by_name=true{', filename=true' if with_file else ''})"
                 )
-                kind = "VIEW" if rank == _COMPACTED else "TABLE"
+                kind = "TABLE" if rank == _ROW else "VIEW"
                 con.execute(f"CREATE OR REPLACE TEMP {kind} {name} AS SELECT * FROM {source}")
 
             try:
@@ -598,9 +598,10 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with views ``trials`` and ``epochs`` over a storage root.
 
     Each view has one row per key (trial; trial and epoch) whatever the root's compaction state
-    (``SOURCE_RANKS``). On a local root, row and trial files are read at ``connect`` (reconnect to
-    see rows written later) and compacted parts at query time; a remote root is read once, at
-    ``connect``, through pyarrow. A table with no files yet is an empty view with the schema's
+    (``SOURCE_RANKS``). On a local root, row files are read at ``connect`` (a trial's epoch row
+    files are removed when it ends) and trial files and compacted parts at query time, from the
+    files there at ``connect`` (reconnect to see files written later); a remote root is read once,
+    at ``connect``, through pyarrow. A table with no files yet is an empty view with the schema's
     columns. Columns added to the schema after a file was written read as null from it.
 
     Args:
@@ -721,7 +722,7 @@ def _completed_epochs_sql() -> str:
         FROM epochs e JOIN ({counted_trials_sql()}) t ON e.trial_id = t.trial_id AND e.sweep = t.sweep"""
 
 
-def _pair_runs(con: duckdb.DuckDBPyConnection, sweep: str | None) -> tuple[pd.DataFrame, list[stats.Runs]]:
+def _pair_runs(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, list[stats.Runs]]:
     """Each (group, ordering) pair of counted trials with epoch rows: the pairs (GROUP_COLUMNS,
     ordering, pair: an index into the list) and their runs, seeds in trial_id order."""
     group = ", ".join(GROUP_COLUMNS)
@@ -733,8 +734,7 @@ def _pair_runs(con: duckdb.DuckDBPyConnection, sweep: str | None) -> tuple[pd.Da
                coalesce(epoch_seconds, 'NaN'::DOUBLE) AS epoch_seconds,
                epoch = max(epoch) OVER (PARTITION BY trial_id, {group}, ordering) AS last,
                {group}, ordering
-        FROM ({_completed_epochs_sql()})""",
-        {"sweep": sweep},
+        FROM _counted_epochs"""
     )
     pairs = con.execute(f"SELECT DISTINCT {group}, ordering, pair FROM _pair_epochs ORDER BY pair").df()
     rows = con.execute(
@@ -829,7 +829,7 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
     """
     group = ", ".join(GROUP_COLUMNS)
     sql = f"""
-    WITH ep AS ({_completed_epochs_sql()}
+    WITH ep AS (SELECT * FROM _counted_epochs
     ), final AS (
         SELECT * FROM ep QUALIFY row_number() OVER (PARTITION BY sweep, trial_id ORDER BY epoch DESC) = 1
     ), per_ordering AS (
@@ -864,8 +864,10 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
             if sweep not in sweeps:
                 there = f"its sweeps: {', '.join(sweeps)}" if sweeps else "it holds no trials"
                 raise OrderlabError(f"no sweep {sweep!r} under results root {root!r}; {there}")
+        # the epochs of counted trials, read once: every query below uses them
+        con.execute(f"CREATE TEMP TABLE _counted_epochs AS {_completed_epochs_sql()}", {"sweep": sweep})
         df = con.execute(sql, {"sweep": sweep}).df()
-        pairs, runs = _pair_runs(con, sweep)
+        pairs, runs = _pair_runs(con)
     columns = _stat_columns(df, pairs, runs, baseline)
     df.insert(
         df.columns.get_loc("epoch_seconds_mean"), "epochs_to_baseline", columns.pop("epochs_to_baseline")
