@@ -252,10 +252,62 @@ def _weighted_mean(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(missing.astype(float) @ counts.T > 0, np.nan, totals / counts.sum(axis=1))
 
 
+def _complete(runs: Runs) -> bool:
+    return not (np.isnan(runs.losses).any() or np.isnan(runs.seconds).any() or np.isnan(runs.finals).any())
+
+
+def _reach_complete(runs: Runs, draws: _Draws, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and seconds to ``target`` [P, B] of each resample's mean curve, for runs without NaN.
+
+    The mean curves of the distinct resamples only (few with few seeds: 126 with 5) as one matrix
+    product; the first reaching epoch by binary search on each curve's running minimum (it reaches
+    where its running minimum does); the seconds summed over epochs per seed before the resample's
+    mean (the same sums in another order). Returns [P, B] each.
+    """
+    num_pairs, num_seeds, num_epochs = runs.losses.shape
+    counts, distinct, which = draws
+    drawn = counts[0].sum()  # every resample draws num_seeds seeds
+    flat = runs.losses.transpose(1, 0, 2).reshape(num_seeds, num_pairs * num_epochs)
+    curves = (distinct @ flat / drawn).reshape(len(distinct), num_pairs, num_epochs)
+    floor = np.minimum.accumulate(curves, axis=-1)  # [U, P, E], non-increasing in E
+    threshold = target + TIE_RTOL * np.abs(target)  # [P, B], as first_reach
+    pairs = np.arange(num_pairs)[:, None]
+    low = np.zeros(target.shape, dtype=np.int64)
+    high = np.full(target.shape, num_epochs)  # num_epochs: never reached
+    while (low < high).any():
+        middle = (low + high) // 2
+        reached = floor[which[None, :], pairs, np.minimum(middle, num_epochs - 1)] <= threshold
+        searching = low < high
+        high = np.where(searching & reached, middle, high)
+        low = np.where(searching & ~reached, middle + 1, low)
+    cumulative = np.cumsum(runs.seconds, axis=-1).transpose(0, 2, 1)  # [P, E, k]
+    at = cumulative[pairs, np.minimum(low, num_epochs - 1)]  # [P, B, k]
+    seconds = np.einsum("pbk,bk->pb", at, counts) / drawn
+    never = low >= num_epochs
+    return np.where(never, np.nan, low + 1.0), np.where(never, np.nan, seconds)
+
+
+_Draws = tuple[np.ndarray, np.ndarray, np.ndarray]  # counts [B, k], its distinct rows [U, k], row of each [B]
+
+
+def _draws(counts: np.ndarray) -> _Draws:
+    distinct, which = np.unique(counts, axis=0, return_inverse=True)
+    return counts, distinct, which.reshape(-1)
+
+
 def _batched_speedups(
-    base: Runs, runs: Runs, base_counts: np.ndarray, counts: np.ndarray, same: bool
+    base: Runs, runs: Runs, base_draws: _Draws, draws: _Draws, same: bool
 ) -> tuple[np.ndarray, ...]:
     """``_speedups`` for P pairs at once, the draws given as counts [B, k]: each output [P, B]."""
+    base_counts, counts = base_draws[0], draws[0]
+    if _complete(base) and _complete(runs):  # the usual case: every seed has every epoch
+        target = (base.finals @ base_counts.T) / base_counts.sum(axis=1)
+        base_epochs, base_time = _reach_complete(base, base_draws, target)
+        epochs, time = (base_epochs, base_time) if same else _reach_complete(runs, draws, target)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            speedup = np.where(np.isnan(epochs), 0.0, base_epochs / epochs)
+            time_speedup = np.where(np.isnan(epochs), 0.0, base_time / time)
+        return epochs, time, speedup, time_speedup
     target = _weighted_mean(base_counts, base.finals)
     base_curve = _weighted_curve(base_counts, base.losses)
     base_seconds = _weighted_curve(base_counts, base.seconds)
@@ -304,14 +356,16 @@ def batched_speedups(
     """
     num_pairs, num_base = base.finals.shape
     num_runs = runs.finals.shape[-1]
-    ones = (np.ones((1, num_base)), np.ones((1, num_runs)))
-    draws = (
-        resample_counts(num_base, num_runs, same=same, num_resamples=num_resamples, seed=seed)
-        if num_base >= 2 and num_runs >= 2
-        else None
-    )
+    ones = (_draws(np.ones((1, num_base))), _draws(np.ones((1, num_runs))))
+    draws = None
+    if num_base >= 2 and num_runs >= 2:
+        base_counts, counts = resample_counts(
+            num_base, num_runs, same=same, num_resamples=num_resamples, seed=seed
+        )
+        draws = (_draws(base_counts), _draws(counts))
     width = max(base.losses.shape[-1], runs.losses.shape[-1])
-    step = max(1, max_elements // (num_resamples * max(width, 1)))
+    complete = _complete(base) and _complete(runs)  # no [P, B, E] arrays: bigger chunks
+    step = max(1, max_elements // (num_resamples * (max(num_base, num_runs) if complete else max(width, 1))))
     out: dict[str, list[np.ndarray]] = {name: [] for name in Speedup.__dataclass_fields__}
     tails = [(1 - confidence) / 2, (1 + confidence) / 2]
     for start in range(0, num_pairs, step):
