@@ -481,7 +481,8 @@ def _remove_empty_dirs(fs: pafs.FileSystem, directory: str) -> None:
 
 @dataclass
 class _Source:
-    """One input of a table's view: a DuckDB relation over files of one rank."""
+    """One input of a table's view: a DuckDB relation (a registered table or ``read_parquet``) over
+    files of one rank."""
 
     relation: str
     rank: int
@@ -490,79 +491,54 @@ class _Source:
     with_file: bool  # has a ``filename`` column (compacted parts of overlapping sweeps)
 
 
-def _local_sources(
+def _file_columns(fs: pafs.FileSystem, paths: list[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """Each file's column names, from its footer; the files that fail are returned as path -> reason."""
+    columns, damaged = {}, {}
+    for path in paths:
+        try:
+            columns[path] = tuple(pq.read_schema(path, filesystem=fs).names)
+        except (OSError, pa.ArrowException) as exc:
+            damaged[path] = f"{type(exc).__name__}: {exc}"
+    return columns, damaged
+
+
+def _sources(
     con: duckdb.DuckDBPyConnection, root: str, fs: pafs.FileSystem, table: str, files: list[_ResultFile]
 ) -> list[_Source]:
-    """Sources over local files: row files are read now into a temporary table (they are removed
-    when their trial's rows are merged), trial files and compacted parts at query time."""
-    import duckdb
-
-    overlapping = _overlapping_sweeps(files)
+    """The inputs of a table's view. Remote files, and local epoch row files (removed when their
+    trial's rows are merged), are read now through pyarrow; other local files are read at query
+    time by DuckDB, one ``read_parquet`` per set of columns (their footers are checked now)."""
+    local = isinstance(fs, pafs.LocalFileSystem)
+    now = {f.path for f in files if not local or (f.rank == _ROW and table == "epochs")}
+    tables, damaged = _read_files(fs, [f.path for f in files if f.path in now])
+    columns, damaged_footers = _file_columns(fs, [f.path for f in files if f.path not in now])
+    _warn_damaged(root, fs, {**damaged, **damaged_footers}, _DAMAGED_READ)
+    readable = [f for f in files if f.path in tables or f.path in columns]
+    overlapping = _overlapping_sweeps(readable)
     sources: list[_Source] = []
     for rank in SOURCE_RANKS.values():
         for overlaps in (False, True):
-            paths = [f.path for f in files if f.rank == rank and (f.sweep in overlapping) == overlaps]
-            if not paths:
-                continue
+            chosen = [f.path for f in readable if f.rank == rank and (f.sweep in overlapping) == overlaps]
             with_file = rank == _COMPACTED and overlaps
-            name = f"_{table}_{rank}_{int(overlaps)}"
-
-            def create(
-                paths: list[str], name: str = name, rank: int = rank, with_file: bool = with_file
-            ) -> None:
+            read = [p for p in chosen if p in tables]
+            if read:
+                data = _conform(
+                    pa.concat_tables([tables[p] for p in read], promote_options="permissive"), table
+                ).combine_chunks()  # one chunk, not one per file: DuckDB scans it faster
+                if with_file:
+                    rows = [tables[p].num_rows for p in read]
+                    data = data.append_column("filename", pa.array(np.repeat(read, rows), pa.string()))
+                name = f"_{table}_{len(sources)}"
+                con.register(name, data)
+                sources.append(_Source(name, rank, overlaps, set(data.column_names), with_file))
+            by_columns: defaultdict[tuple[str, ...], list[str]] = defaultdict(list)
+            for path in chosen:
+                if path in columns:
+                    by_columns[columns[path]].append(path)
+            for names, paths in by_columns.items():
                 listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)  # paths, not user values
-                source = (
-                    f"read_parquet([{listed}], union_by_name=true{', filename=true' if with_file else ''})"
-                )
-                kind = "TABLE" if rank == _ROW else "VIEW"
-                con.execute(f"CREATE OR REPLACE TEMP {kind} {name} AS SELECT * FROM {source}")
-
-            try:
-                create(paths)
-            except duckdb.Error as exc:
-                _, damaged = _read_files(fs, paths)  # which files: DuckDB stops at the first
-                if not damaged:
-                    raise OrderlabError(f"cannot read results under {root!r}: {exc}") from exc
-                _warn_damaged(root, fs, damaged, _DAMAGED_READ)
-                paths = [p for p in paths if p not in damaged]
-                if not paths:
-                    continue
-                create(paths)
-            columns = {row[0] for row in con.execute(f"DESCRIBE {name}").fetchall()}
-            sources.append(_Source(name, rank, overlaps, columns, with_file))
-    return sources
-
-
-def _remote_sources(
-    con: duckdb.DuckDBPyConnection, root: str, fs: pafs.FileSystem, table: str, files: list[_ResultFile]
-) -> list[_Source]:
-    """Sources over remote files: every file is read now, through pyarrow."""
-    tables, damaged = _read_files(fs, [f.path for f in files])
-    _warn_damaged(root, fs, damaged, _DAMAGED_READ)
-    overlapping = _overlapping_sweeps([f for f in files if f.path in tables])
-    sources: list[_Source] = []
-    for rank in SOURCE_RANKS.values():
-        for overlaps in (False, True):
-            chosen = [
-                f
-                for f in files
-                if f.path in tables and f.rank == rank and (f.sweep in overlapping) == overlaps
-            ]
-            if not chosen:
-                continue
-            with_file = rank == _COMPACTED and overlaps
-            data = pa.concat_tables(
-                [
-                    _conform(tables[f.path], table).append_column(
-                        "filename", pa.array([f.path] * tables[f.path].num_rows, pa.string())
-                    )
-                    for f in chosen
-                ],
-                promote_options="default",
-            )
-            name = f"_{table}_{rank}_{int(overlaps)}"
-            con.register(name, data)
-            sources.append(_Source(name, rank, overlaps, set(data.column_names), with_file))
+                relation = f"read_parquet([{listed}]{', filename=true' if with_file else ''})"
+                sources.append(_Source(relation, rank, overlaps, set(names), with_file))
     return sources
 
 
@@ -631,8 +607,7 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
         raise OrderlabError(f"results root {root!r} is a file; pass the directory the sweep wrote to")
     con = duckdb.connect()
     for name, schema in TABLES.items():
-        read = _local_sources if isinstance(fs, pafs.LocalFileSystem) else _remote_sources
-        sources = read(con, root, fs, name, files_by_table[name]) if files_by_table[name] else []
+        sources = _sources(con, root, fs, name, files_by_table[name]) if files_by_table[name] else []
         if sources:
             con.execute(f"CREATE VIEW {name} AS {_view_sql(name, sources)}")
         else:

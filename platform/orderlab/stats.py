@@ -146,14 +146,30 @@ def _speedups(base: Runs, runs: Runs, base_rows: np.ndarray, rows: np.ndarray) -
     target = base.finals[base_rows].mean(axis=-1)
     base_curve, base_seconds = mean_curve(base.losses[base_rows]), mean_curve(base.seconds[base_rows])
     curve, seconds = mean_curve(runs.losses[rows]), mean_curve(runs.seconds[rows])
+    return _speedups_of_curves(target, base_curve, base_seconds, curve, seconds)
+
+
+def _speedups_of_curves(
+    target: np.ndarray,
+    base_curve: np.ndarray,
+    base_seconds: np.ndarray,
+    curve: np.ndarray,
+    seconds: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Epochs and seconds to ``target`` [...] of mean curves [..., E], and the speedups (see _speedups)."""
     base_epochs = epochs_to_target(base_curve, target)
     base_time = seconds_to_target(base_curve, base_seconds, target)
     epochs = epochs_to_target(curve, target)
-    time = seconds_to_target(curve, seconds, target)
-    reached = first_reach(curve, target) >= 0
+    return _ratios(base_epochs, base_time, epochs, seconds_to_target(curve, seconds, target))
+
+
+def _ratios(
+    base_epochs: np.ndarray, base_time: np.ndarray, epochs: np.ndarray, time: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """epochs, time, speedup, time_speedup; 0 where ``epochs`` is NaN (the target never reached)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        speedup = np.where(reached, base_epochs / epochs, 0.0)
-        time_speedup = np.where(reached, base_time / time, 0.0)
+        speedup = np.where(np.isnan(epochs), 0.0, base_epochs / epochs)
+        time_speedup = np.where(np.isnan(epochs), 0.0, base_time / time)
     return epochs, time, speedup, time_speedup
 
 
@@ -304,27 +320,14 @@ def _batched_speedups(
         target = (base.finals @ base_counts.T) / base_counts.sum(axis=1)
         base_epochs, base_time = _reach_complete(base, base_draws, target)
         epochs, time = (base_epochs, base_time) if same else _reach_complete(runs, draws, target)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            speedup = np.where(np.isnan(epochs), 0.0, base_epochs / epochs)
-            time_speedup = np.where(np.isnan(epochs), 0.0, base_time / time)
-        return epochs, time, speedup, time_speedup
+        return _ratios(base_epochs, base_time, epochs, time)
     target = _weighted_mean(base_counts, base.finals)
     base_curve = _weighted_curve(base_counts, base.losses)
     base_seconds = _weighted_curve(base_counts, base.seconds)
-    curve, seconds = (
-        (base_curve, base_seconds)
-        if same
-        else (_weighted_curve(counts, runs.losses), _weighted_curve(counts, runs.seconds))
-    )
-    base_epochs = epochs_to_target(base_curve, target)
-    base_time = seconds_to_target(base_curve, base_seconds, target)
-    epochs = epochs_to_target(curve, target)
-    time = seconds_to_target(curve, seconds, target)
-    reached = first_reach(curve, target) >= 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        speedup = np.where(reached, base_epochs / epochs, 0.0)
-        time_speedup = np.where(reached, base_time / time, 0.0)
-    return epochs, time, speedup, time_speedup
+    if same:
+        return _speedups_of_curves(target, base_curve, base_seconds, base_curve, base_seconds)
+    curve, seconds = _weighted_curve(counts, runs.losses), _weighted_curve(counts, runs.seconds)
+    return _speedups_of_curves(target, base_curve, base_seconds, curve, seconds)
 
 
 def batched_speedups(
