@@ -574,10 +574,10 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with views ``trials`` and ``epochs`` over a storage root.
 
     Each view has one row per key (trial; trial and epoch) whatever the root's compaction state
-    (``SOURCE_RANKS``). On a local root, row files are read at ``connect`` (a trial's epoch row
-    files are removed when it ends) and trial files and compacted parts at query time, from the
-    files there at ``connect`` (reconnect to see files written later); a remote root is read once,
-    at ``connect``, through pyarrow. A table with no files yet is an empty view with the schema's
+    (``SOURCE_RANKS``). On a local root, epoch row files are read at ``connect`` (they are removed
+    when their trial ends) and the other files at query time, from the files there at ``connect``
+    (reconnect to see files written later); a remote root is read once, at ``connect``, through
+    pyarrow. A table with no files yet is an empty view with the schema's
     columns. Columns added to the schema after a file was written read as null from it.
 
     Args:
