@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/backends.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/herding_vs_workers.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/sampler_overhead.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/results_scale.py $(BENCH_ARGS)
 
 # benchmarks/device_check.py here (no GPU: its CUDA parts skipped); device-data fills .device-data/ for
 # the GPU machine (docs/performance.md, "GPU", has the command to run there)

@@ -7,13 +7,16 @@ exit status 2. Usage errors (bad flags) also exit 2.
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 
-from orderlab.errors import OrderlabError
+from orderlab.errors import DamagedResultsWarning, OrderlabError
 
 app = typer.Typer(
     add_completion=False,
@@ -79,6 +82,22 @@ def sweep(
         raise typer.Exit(1)
 
 
+@contextmanager
+def _damaged_files_exit() -> Iterator[None]:
+    """Print each DamagedResultsWarning as one line (no traceback) and exit 2 when there was one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedResultsWarning)
+        yield
+    damaged = [w for w in caught if issubclass(w.category, DamagedResultsWarning)]
+    for other in caught:
+        if other not in damaged:
+            warnings.showwarning(other.message, other.category, other.filename, other.lineno)
+    for warning in damaged:
+        print(f"orderlab: warning: {warning.message}", file=sys.stderr)
+    if damaged:
+        raise typer.Exit(2)
+
+
 @app.command(
     epilog='Example: orderlab results results/ --sql "SELECT ordering, max(epoch) FROM epochs JOIN trials USING (trial_id) GROUP BY ALL"'
 )
@@ -89,19 +108,34 @@ def results(
     sql: Annotated[
         str | None, typer.Option(help="run this SQL over the views `trials` and `epochs` instead")
     ] = None,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            "--compact",
+            help="rewrite each sweep's rows as one Parquet part per table (not while its trials run)",
+        ),
+    ] = False,
 ) -> None:
-    """Print the summary per ordering (final loss, epochs to the baseline's final loss), or run SQL."""
+    """Print the summary per ordering (final loss, epochs to the baseline's final loss), run SQL, or --compact."""
     import duckdb
 
     from orderlab import results as tables
 
-    if sql is not None:
-        try:
-            print(tables.connect(root).sql(sql).df().to_string(index=False))
-        except duckdb.Error as error:
-            raise OrderlabError(f"--sql failed: {error}") from error
-        return
-    print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep)))
+    with _damaged_files_exit():
+        if compact:
+            done = tables.compact(root, sweep=sweep)
+            print(
+                f"compacted {len(done.sweeps)} sweep(s) ({', '.join(done.sweeps) or 'nothing to merge'}): "
+                f"{done.files_read} files read, {done.rows['trials']} trial rows and "
+                f"{done.rows['epochs']} epoch rows in {len(done.parts)} part(s)"
+            )
+        elif sql is not None:
+            try:
+                print(tables.connect(root).sql(sql).df().to_string(index=False))
+            except duckdb.Error as error:
+                raise OrderlabError(f"--sql failed: {error}") from error
+        else:
+            print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep)))
 
 
 @app.command(epilog="Example: orderlab report results/tiny --sweep tiny --baseline rr --out report/")
@@ -116,8 +150,9 @@ def report(
     """Write report.html (figures embedded) and the figures as PNG: loss curves, herding, time per epoch."""
     from orderlab.report import report as write_report
 
-    path = write_report(root, sweep=sweep, baseline=baseline, out=out)
-    print(f"wrote {path} and its figures (*.png) in {path.parent}")
+    with _damaged_files_exit():
+        path = write_report(root, sweep=sweep, baseline=baseline, out=out)
+        print(f"wrote {path} and its figures (*.png) in {path.parent}")
 
 
 @app.command(

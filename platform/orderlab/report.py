@@ -93,8 +93,7 @@ def _load(root: str, sweep: str | None) -> tuple[pd.DataFrame, dict[str, int]]:
             f"""
             SELECT {", ".join(f"t.{c}" for c in dict.fromkeys([*results.GROUP_COLUMNS, *SWEPT_AXES]))},
                    t.ordering, t.seed, e.* EXCLUDE (sweep, bytes_to_server, lr)
-            FROM epochs e JOIN trials t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
-            WHERE t.status = 'completed' AND {where}
+            FROM epochs e JOIN ({results.counted_trials_sql()}) t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
             ORDER BY t.sweep, e.trial_id, e.epoch
             """,
             {"sweep": sweep},

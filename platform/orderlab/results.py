@@ -1,28 +1,36 @@
-"""Result tables of docs/architecture.md: Parquet schemas, the atomic writer, DuckDB views, summaries.
+"""Result tables of docs/architecture.md: Parquet schemas, the atomic writer, compaction, DuckDB views, summaries.
 
-Layout under a storage root (a local path or an s3://, gs://, file:// URI), one file per row:
+Layout under a storage root (a local path or an s3://, gs://, file:// URI); see docs/results.md:
 
-    {root}/trials/{sweep}/{trial_id}.parquet
-    {root}/epochs/{sweep}/{trial_id}/epoch-{epoch:05d}.parquet
+    {root}/trials/{sweep}/{trial_id}.parquet                      a trial's row (row file)
+    {root}/epochs/{sweep}/{trial_id}/epoch-{epoch:05d}.parquet    an epoch's row while the trial runs
+    {root}/epochs/{sweep}/{trial_id}/epochs.parquet               the trial's epoch rows once it ended
+    {root}/compacted/{table}/{sweep}/part-{generation}.parquet    a compacted sweep
 
 Names are deterministic, so a retried trial or epoch overwrites its file instead of adding a row.
+Readers see every row once whatever the compaction state: per key, a row file wins over a trial's
+file, which wins over the newest compacted part (``SOURCE_RANKS``).
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
+import warnings
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orderlab import stats
-from orderlab.errors import OrderlabError
+from orderlab.errors import DamagedResultsWarning, OrderlabError
 
 if TYPE_CHECKING:
     import duckdb
@@ -204,18 +212,383 @@ def _parquet_files(fs: pafs.FileSystem, directory: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
+#: Where a row comes from, by precedence: for one key (``KEY_COLUMNS``) readers and compaction keep
+#: the row of the lowest rank, and among compacted parts the newest (the largest file name).
+SOURCE_RANKS = {"row": 0, "trial": 1, "compacted": 2}
+KEY_COLUMNS = {"trials": ("sweep", "trial_id"), "epochs": ("sweep", "trial_id", "epoch")}
+TRIAL_EPOCHS_FILE = "epochs.parquet"  # a finished trial's epoch rows, in its epochs directory
+COMPACTED_DIR = "compacted"
+_ROW, _TRIAL, _COMPACTED = SOURCE_RANKS.values()
+_DAMAGED_READ = "it is left out, so these results are partial"
+_DAMAGED_FIX = (
+    "copy the file again from a complete source (the sweep's storage, a finished sync), "
+    "or delete it to drop its rows"
+)
+
+
+@dataclass(frozen=True)
+class _ResultFile:
+    """One Parquet file of a table: its path, sweep, trial (None for a compacted part) and source rank."""
+
+    path: str
+    table: str
+    sweep: str
+    trial_id: str | None
+    rank: int
+
+
+def _result_files(fs: pafs.FileSystem, base: str, sweep: str | None = None) -> dict[str, list[_ResultFile]]:
+    """Every finished results file under ``base`` (of one sweep, or all), by table.
+
+    Raises:
+        OSError: the root cannot be listed.
+    """
+    found: dict[str, list[_ResultFile]] = {name: [] for name in TABLES}
+    for table in TABLES:
+        prefix = f"{base}/{table}/" if sweep is None else f"{base}/{table}/{sweep}/"
+        for path in _parquet_files(fs, prefix.rstrip("/")):
+            parts = path[len(f"{base}/{table}/") :].split("/")
+            name = parts[-1]
+            rank = _TRIAL if table == "epochs" and name == TRIAL_EPOCHS_FILE else _ROW
+            trial_id = parts[1] if len(parts) > 2 else name.removesuffix(".parquet")
+            found[table].append(_ResultFile(path, table, parts[0] if len(parts) > 1 else "", trial_id, rank))
+        compacted = f"{base}/{COMPACTED_DIR}/{table}" + ("" if sweep is None else f"/{sweep}")
+        for path in _parquet_files(fs, compacted):
+            parts = path[len(f"{base}/{COMPACTED_DIR}/{table}/") :].split("/")
+            found[table].append(_ResultFile(path, table, parts[0], None, _COMPACTED))
+    return found
+
+
+def _overlapping_sweeps(files: list[_ResultFile]) -> set[str]:
+    """Sweeps whose files may hold a key twice: more than one compacted part, a compacted part and
+    other files, or a trial with both row files and its trial file (all after an interruption)."""
+    parts = Counter(f.sweep for f in files if f.rank == _COMPACTED)
+    others = {f.sweep for f in files if f.rank != _COMPACTED}
+    ranks: defaultdict[tuple[str, str | None], set[int]] = defaultdict(set)
+    for f in files:
+        if f.rank != _COMPACTED:
+            ranks[(f.sweep, f.trial_id)].add(f.rank)
+    return {s for s, n in parts.items() if n > 1 or s in others} | {
+        s for (s, _), r in ranks.items() if len(r) > 1
+    }
+
+
+def _display(root: str, fs: pafs.FileSystem, path: str) -> str:
+    """A path as a user would pass it: local as is, remote as a URI with the root's scheme."""
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{root.split('://', 1)[0]}://{path}"
+
+
+def _warn_damaged(root: str, fs: pafs.FileSystem, damaged: dict[str, str], consequence: str) -> None:
+    for path, reason in damaged.items():
+        warnings.warn(
+            DamagedResultsWarning(
+                f"unreadable results file {_display(root, fs, path)} ({reason}); {consequence}: {_DAMAGED_FIX}"
+            ),
+            stacklevel=3,
+        )
+
+
+def _read_file(fs: pafs.FileSystem, path: str) -> pa.Table:
+    with fs.open_input_file(path) as stream:
+        return pq.ParquetFile(stream).read()
+
+
+def _read_files(fs: pafs.FileSystem, paths: list[str]) -> tuple[dict[str, pa.Table], dict[str, str]]:
+    """Read each file whole; the ones that fail are returned as path -> reason instead."""
+
+    def attempt(path: str) -> pa.Table | str:
+        try:
+            return _read_file(fs, path)
+        except (OSError, pa.ArrowException) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    threads = 1 if isinstance(fs, pafs.LocalFileSystem) else 16  # remote reads wait on the network
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = dict(zip(paths, pool.map(attempt, paths), strict=True))
+    tables = {p: t for p, t in outcomes.items() if isinstance(t, pa.Table)}
+    return tables, {p: r for p, r in outcomes.items() if isinstance(r, str)}
+
+
+def _conform(table: pa.Table, name: str) -> pa.Table:
+    """``table`` with the schema's columns in order (absent ones null, each cast to its type), then
+    any other columns it has (from a newer schema) as they are."""
+    schema = TABLES[name]
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    extra = [c for c in table.column_names if c not in schema.names]
+    fields = [*schema, *(table.schema.field(c) for c in extra)]
+    return pa.Table.from_arrays(columns + [table[c] for c in extra], schema=pa.schema(fields))
+
+
+def _deduplicated(table: str, files: list[_ResultFile], tables: dict[str, pa.Table]) -> pa.Table:
+    """The rows of ``files`` (read into ``tables``), one per key by SOURCE_RANKS, sorted by key."""
+    ranked = [
+        _conform(tables[f.path], table)
+        .append_column("_rank", pa.array([f.rank] * tables[f.path].num_rows, pa.int8()))
+        .append_column("_file", pa.array([f.path] * tables[f.path].num_rows, pa.string()))
+        for f in files
+        if f.path in tables
+    ]
+    combined = pa.concat_tables(ranked, promote_options="default")
+    keys = KEY_COLUMNS[table]
+    ordered = combined.sort_by(
+        [*((k, "ascending") for k in keys), ("_rank", "ascending"), ("_file", "descending")]
+    )
+    first = np.ones(ordered.num_rows, dtype=bool)
+    if ordered.num_rows > 1:
+        first[1:] = False
+        for key in keys:
+            values = ordered[key].to_numpy(zero_copy_only=False)
+            first[1:] |= values[1:] != values[:-1]
+    return ordered.filter(pa.array(first)).drop_columns(["_rank", "_file"])
+
+
+def _delete_files(fs: pafs.FileSystem, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass  # removed by an earlier, interrupted run of the same step
+
+
+def consolidate_trial(root: str, sweep: str, trial_id: str) -> str | None:
+    """Merge a finished trial's epoch row files into ``{root}/epochs/{sweep}/{trial_id}/epochs.parquet``.
+
+    The trial file is written atomically with every row (a row file wins over the trial file
+    already there, see SOURCE_RANKS), then the row files it holds are removed; a crash in between
+    leaves rows that readers see once. Call it only when no rank writes the trial's rows any more.
+    Needs pyarrow alone (no DuckDB).
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        sweep, trial_id: the trial.
+
+    Returns:
+        The trial file's path (a URI for remote roots), or None when there were no row files.
+
+    Warns:
+        DamagedResultsWarning: a file could not be read; it is left in place (and with an unreadable
+            trial file nothing is merged).
+
+    Raises:
+        OrderlabError: the root cannot be read or written.
+    """
+    fs, base = _storage(root)
+    try:
+        files = [f for f in _result_files(fs, base, sweep)["epochs"] if f.trial_id == trial_id]
+    except OSError as exc:
+        raise OrderlabError(f"cannot read results under {root!r} ({exc}); check the storage root") from exc
+    row_files = [f.path for f in files if f.rank == _ROW]
+    if not row_files:
+        return None
+    tables, damaged = _read_files(fs, [f.path for f in files])
+    _warn_damaged(root, fs, damaged, "it was left in place and the trial's rows stay in separate files")
+    if any(f.rank == _TRIAL and f.path in damaged for f in files) or not tables:
+        return None  # never overwrite a file that could not be read
+    merged = _deduplicated("epochs", files, tables)
+    path = _write_atomic(root, ["epochs", sweep, trial_id, TRIAL_EPOCHS_FILE], merged)
+    _delete_files(fs, [p for p in row_files if p in tables])
+    return path
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What ``compact`` did.
+
+    Attributes:
+        sweeps: the sweeps compacted, sorted.
+        files_read: results files read (and removed, once their part was written).
+        rows: rows written, by table.
+        parts: the compacted parts written (paths, URIs for remote roots).
+        damaged: unreadable files, left in place (paths).
+    """
+
+    sweeps: list[str]
+    files_read: int
+    rows: dict[str, int]
+    parts: list[str]
+    damaged: list[str]
+
+
+def compact(root: str, sweep: str | None = None) -> Compaction:
+    """Rewrite each sweep's rows as one Parquet part per table: ``{root}/compacted/{table}/{sweep}/part-*.parquet``.
+
+    For each table and sweep with anything to merge, every row (one per key, SOURCE_RANKS) is
+    written atomically to a new part, and only then are the files it was read from removed (row
+    files, trial files, older parts), so a crash at any point leaves each row readable exactly once.
+    Roots written before trial files and compaction existed are migrated the same way. Do not run
+    it while trials of the sweep still write rows (a row written during compaction can be lost).
+    Needs pyarrow alone (no DuckDB).
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        sweep: only this sweep (default: every sweep under the root).
+
+    Returns:
+        The Compaction (sweeps, files read, rows, parts, damaged files).
+
+    Warns:
+        DamagedResultsWarning: a file could not be read; it is never removed.
+
+    Raises:
+        OrderlabError: the root cannot be read or written, or holds no sweep named ``sweep``.
+    """
+    fs, base = _storage(root)
+    try:
+        found = _result_files(fs, base, sweep)
+    except OSError as exc:
+        raise OrderlabError(f"cannot read results under {root!r} ({exc}); check the storage root") from exc
+    if sweep is not None and not any(found.values()):
+        raise OrderlabError(f"no sweep {sweep!r} under results root {root!r}; compact without --sweep")
+    generation = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # file names sort by time
+    sweeps: set[str] = set()
+    files_read, rows, parts, damaged_all = 0, {name: 0 for name in TABLES}, [], []
+    for table, files in found.items():
+        by_sweep: defaultdict[str, list[_ResultFile]] = defaultdict(list)
+        for f in files:
+            by_sweep[f.sweep].append(f)
+        for name, group in sorted(by_sweep.items()):
+            if len(group) == 1 and group[0].rank == _COMPACTED:
+                continue  # already one part
+            tables, damaged = _read_files(fs, [f.path for f in group])
+            _warn_damaged(root, fs, damaged, "it was not compacted and is left in place")
+            damaged_all += [_display(root, fs, p) for p in damaged]
+            if not tables:
+                continue
+            merged = _deduplicated(table, group, tables)
+            parts.append(
+                _write_atomic(root, [COMPACTED_DIR, table, name, f"part-{generation}.parquet"], merged)
+            )
+            _delete_files(fs, list(tables))
+            _remove_empty_dirs(fs, f"{base}/{table}/{name}")
+            sweeps.add(name)
+            files_read += len(tables)
+            rows[table] += merged.num_rows
+    return Compaction(sorted(sweeps), files_read, rows, parts, damaged_all)
+
+
+def _remove_empty_dirs(fs: pafs.FileSystem, directory: str) -> None:
+    """Remove ``directory`` when no file is left under it (damaged files keep it)."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True, allow_not_found=True))
+    if (
+        not any(i.type == pafs.FileType.File for i in infos)
+        and fs.get_file_info(directory).type != pafs.FileType.NotFound
+    ):
+        fs.delete_dir(directory)
+
+
+@dataclass
+class _Source:
+    """One input of a table's view: a DuckDB relation (a registered table or ``read_parquet``) over
+    files of one rank."""
+
+    relation: str
+    rank: int
+    overlapping: bool  # from sweeps that may hold a key twice: deduplicated
+    columns: set[str]
+    with_file: bool  # has a ``filename`` column (compacted parts of overlapping sweeps)
+
+
+def _file_columns(fs: pafs.FileSystem, paths: list[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """Each file's column names, from its footer; the files that fail are returned as path -> reason."""
+    columns, damaged = {}, {}
+    for path in paths:
+        try:
+            columns[path] = tuple(pq.read_schema(path, filesystem=fs).names)
+        except (OSError, pa.ArrowException) as exc:
+            damaged[path] = f"{type(exc).__name__}: {exc}"
+    return columns, damaged
+
+
+def _sources(
+    con: duckdb.DuckDBPyConnection, root: str, fs: pafs.FileSystem, table: str, files: list[_ResultFile]
+) -> list[_Source]:
+    """The inputs of a table's view. Remote files, and local epoch row files (removed when their
+    trial's rows are merged), are read now through pyarrow; other local files are read at query
+    time by DuckDB, one ``read_parquet`` per set of columns (their footers are checked now)."""
+    local = isinstance(fs, pafs.LocalFileSystem)
+    now = {f.path for f in files if not local or (f.rank == _ROW and table == "epochs")}
+    tables, damaged = _read_files(fs, [f.path for f in files if f.path in now])
+    columns, damaged_footers = _file_columns(fs, [f.path for f in files if f.path not in now])
+    _warn_damaged(root, fs, {**damaged, **damaged_footers}, _DAMAGED_READ)
+    readable = [f for f in files if f.path in tables or f.path in columns]
+    overlapping = _overlapping_sweeps(readable)
+    sources: list[_Source] = []
+    for rank in SOURCE_RANKS.values():
+        for overlaps in (False, True):
+            chosen = [f.path for f in readable if f.rank == rank and (f.sweep in overlapping) == overlaps]
+            with_file = rank == _COMPACTED and overlaps
+            read = [p for p in chosen if p in tables]
+            if read:
+                data = _conform(
+                    pa.concat_tables([tables[p] for p in read], promote_options="permissive"), table
+                ).combine_chunks()  # one chunk, not one per file: DuckDB scans it faster
+                if with_file:
+                    rows = [tables[p].num_rows for p in read]
+                    data = data.append_column("filename", pa.array(np.repeat(read, rows), pa.string()))
+                name = f"_{table}_{len(sources)}"
+                con.register(name, data)
+                sources.append(_Source(name, rank, overlaps, set(data.column_names), with_file))
+            by_columns: defaultdict[tuple[str, ...], list[str]] = defaultdict(list)
+            for path in chosen:
+                if path in columns:
+                    by_columns[columns[path]].append(path)
+            for names, paths in by_columns.items():
+                listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)  # paths, not user values
+                relation = f"read_parquet([{listed}]{', filename=true' if with_file else ''})"
+                sources.append(_Source(relation, rank, overlaps, set(names), with_file))
+    return sources
+
+
+def _view_sql(table: str, sources: list[_Source]) -> str:
+    """The table's view: sources of sweeps without overlap as they are, the others one row per key."""
+    schema = TABLES[table]
+
+    def select(source: _Source) -> str:
+        return ", ".join(
+            f'"{f.name}"'
+            if f.name in source.columns
+            else f'CAST(NULL AS {_DUCKDB_TYPES[str(f.type)]}) AS "{f.name}"'
+            for f in schema
+        )
+
+    parts = [f"SELECT {select(s)} FROM {s.relation}" for s in sources if not s.overlapping]
+    ranked = [
+        f"SELECT {select(s)}, {s.rank} AS _rank, {'filename' if s.with_file else repr('')} AS _file "
+        f"FROM {s.relation}"
+        for s in sources
+        if s.overlapping
+    ]
+    if ranked:
+        keys = ", ".join(KEY_COLUMNS[table])
+        parts.append(
+            f"SELECT * EXCLUDE (_rank, _file) FROM ({' UNION ALL '.join(ranked)}) "
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY _rank, _file DESC) = 1"
+        )
+    return " UNION ALL ".join(parts)
+
+
 def connect(root: str) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with views ``trials`` and ``epochs`` over a storage root.
 
-    Local roots get views over ``read_parquet`` globs, so rows written later show up in later
-    queries; remote roots are read once through pyarrow. A table with no files yet is an empty
-    view with the schema's columns (reconnect to see rows written after that).
+    Each view has one row per key (trial; trial and epoch) whatever the root's compaction state
+    (``SOURCE_RANKS``). On a local root, epoch row files are read at ``connect`` (they are removed
+    when their trial ends) and the other files at query time, from the files there at ``connect``
+    (reconnect to see files written later); a remote root is read once, at ``connect``, through
+    pyarrow. A table with no files yet is an empty view with the schema's
+    columns. Columns added to the schema after a file was written read as null from it.
 
     Args:
         root: storage root, a local path or an s3://, gs://, file:// URI; a missing root is empty.
 
     Returns:
         The connection; ``con.sql("SELECT ... FROM epochs").df()`` gives pandas.
+
+    Warns:
+        DamagedResultsWarning: a file could not be read (named, with what to do); the views hold
+            the other files' rows.
 
     Raises:
         OrderlabError: the root is a file or cannot be listed.
@@ -225,7 +598,7 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
     fs, base = _storage(root)
     try:
         root_is_file = fs.get_file_info(base).type == pafs.FileType.File
-        files_by_table = {name: _parquet_files(fs, f"{base}/{name}") for name in TABLES}
+        files_by_table = _result_files(fs, base)
     except OSError as exc:
         raise OrderlabError(
             f"cannot read results under {root!r} ({exc}); pass the sweep's storage root"
@@ -234,22 +607,11 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
         raise OrderlabError(f"results root {root!r} is a file; pass the directory the sweep wrote to")
     con = duckdb.connect()
     for name, schema in TABLES.items():
-        directory, files = f"{base}/{name}", files_by_table[name]
-        if not files:
-            con.register(name, schema.empty_table())
-        elif isinstance(fs, pafs.LocalFileSystem):
-            pattern = f"{directory}/**/*.parquet".replace("'", "''")  # a path, not a user value
-            source = f"read_parquet('{pattern}', union_by_name=true)"
-            present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
-            # columns added to the schema after these files were written read as null
-            added = [
-                f'CAST(NULL AS {_DUCKDB_TYPES[str(f.type)]}) AS "{f.name}"'
-                for f in schema
-                if f.name not in present
-            ]
-            con.execute(f"CREATE VIEW {name} AS SELECT {', '.join(['*', *added])} FROM {source}")
+        sources = _sources(con, root, fs, name, files_by_table[name]) if files_by_table[name] else []
+        if sources:
+            con.execute(f"CREATE VIEW {name} AS {_view_sql(name, sources)}")
         else:
-            con.register(name, ds.dataset(files, schema=schema, format="parquet", filesystem=fs).to_table())
+            con.register(name, schema.empty_table())
     return con
 
 
@@ -321,38 +683,91 @@ def _same_group(left: str, right: str) -> str:
     return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in GROUP_COLUMNS)
 
 
-def _group_key(values: Any) -> tuple[Any, ...]:
-    """A hashable group key with every missing value (None, NaN, NA) as None."""
-    return tuple(None if pd.isna(v) else v for v in values)
-
-
-def _runs_by_ordering(curves: pd.DataFrame) -> dict[tuple[tuple[Any, ...], str], stats.Runs]:
-    """Per (group key, ordering): the completed trials' loss and seconds matrices and final losses."""
-    out: dict[tuple[tuple[Any, ...], str], stats.Runs] = {}
-    keys = [*GROUP_COLUMNS, "ordering"]
-    for key, rows in curves.groupby(keys, dropna=False, sort=False):
-        num_epochs = int(rows["epoch"].max()) + 1
-        seeds = {trial: i for i, trial in enumerate(rows["trial_id"].unique())}
-        losses = np.full((len(seeds), num_epochs), np.nan)
-        seconds = np.full((len(seeds), num_epochs), np.nan)
-        seed_index, epoch = rows["trial_id"].map(seeds).to_numpy(), rows["epoch"].to_numpy()
-        losses[seed_index, epoch] = rows["train_loss"].to_numpy(dtype=float, na_value=np.nan)
-        seconds[seed_index, epoch] = rows["epoch_seconds"].to_numpy(dtype=float, na_value=np.nan)
-        last = rows.loc[rows.groupby("trial_id", sort=False)["epoch"].idxmax()]
-        finals = last["train_loss"].to_numpy(dtype=float, na_value=np.nan)[
-            np.argsort(last["trial_id"].map(seeds).to_numpy())
-        ]
-        out[(_group_key(key[:-1]), key[-1])] = stats.Runs(losses, seconds, finals)
-    return out
+def counted_trials_sql() -> str:
+    """SQL of the trials whose epoch rows count in summaries and reports (the one status filter):
+    completed trials, of sweep ``$sweep`` when that parameter is not NULL."""
+    return "SELECT * FROM trials WHERE status = 'completed' AND ($sweep::VARCHAR IS NULL OR sweep = $sweep)"
 
 
 def _completed_epochs_sql() -> str:
-    """SQL of the epoch rows of completed trials, with the trial's group columns and ordering."""
+    """SQL of the epoch rows of counted trials, with the trial's group columns and ordering."""
     return f"""
         SELECT {", ".join(f"t.{c}" for c in GROUP_COLUMNS)}, t.ordering, e.trial_id, e.epoch, e.train_loss,
                e.val_metric, e.val_metric_name, e.epoch_seconds, e.order_wait_seconds
-        FROM epochs e JOIN trials t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
-        WHERE t.status = 'completed' AND ($sweep::VARCHAR IS NULL OR t.sweep = $sweep)"""
+        FROM epochs e JOIN ({counted_trials_sql()}) t ON e.trial_id = t.trial_id AND e.sweep = t.sweep"""
+
+
+def _pair_runs(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, list[stats.Runs]]:
+    """Each (group, ordering) pair of counted trials with epoch rows: the pairs (GROUP_COLUMNS,
+    ordering, pair: an index into the list) and their runs, seeds in trial_id order."""
+    group = ", ".join(GROUP_COLUMNS)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _pair_epochs AS
+        SELECT dense_rank() OVER (ORDER BY {group}, ordering) - 1 AS pair,
+               dense_rank() OVER (PARTITION BY {group}, ordering ORDER BY trial_id) - 1 AS seed,
+               epoch, coalesce(train_loss, 'NaN'::DOUBLE) AS train_loss,
+               coalesce(epoch_seconds, 'NaN'::DOUBLE) AS epoch_seconds,
+               epoch = max(epoch) OVER (PARTITION BY trial_id, {group}, ordering) AS last,
+               {group}, ordering
+        FROM _counted_epochs"""
+    )
+    pairs = con.execute(f"SELECT DISTINCT {group}, ordering, pair FROM _pair_epochs ORDER BY pair").df()
+    rows = con.execute(
+        "SELECT pair, seed, epoch, train_loss, epoch_seconds, last FROM _pair_epochs ORDER BY pair, seed, epoch"
+    ).fetchnumpy()
+    pair, seed, epoch = (np.asarray(rows[c], dtype=np.int64) for c in ("pair", "seed", "epoch"))
+    starts = np.searchsorted(pair, np.arange(len(pairs) + 1))
+    runs = []
+    for p in range(len(pairs)):
+        part = slice(starts[p], starts[p + 1])
+        shape = (int(seed[part].max()) + 1, int(epoch[part].max()) + 1)
+        losses, seconds, finals = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape[0], np.nan)
+        losses[seed[part], epoch[part]] = rows["train_loss"][part]
+        seconds[seed[part], epoch[part]] = rows["epoch_seconds"][part]
+        last = np.asarray(rows["last"][part], dtype=bool)
+        finals[seed[part][last]] = rows["train_loss"][part][last]
+        runs.append(stats.Runs(losses, seconds, finals))
+    return pairs, runs
+
+
+def _stacked(runs: list[stats.Runs]) -> stats.Runs:
+    """Runs with equal seed counts as one batch [P, k, E], shorter curves padded with NaN epochs."""
+    width = max(r.losses.shape[1] for r in runs)
+    losses = np.full((len(runs), runs[0].num_seeds, width), np.nan)
+    seconds = np.full_like(losses, np.nan)
+    for i, r in enumerate(runs):
+        losses[i, :, : r.losses.shape[1]] = r.losses
+        seconds[i, :, : r.seconds.shape[1]] = r.seconds
+    return stats.Runs(losses, seconds, np.stack([r.finals for r in runs]))
+
+
+def _stat_columns(
+    df: pd.DataFrame, pairs: pd.DataFrame, runs: list[stats.Runs], baseline: str
+) -> pd.DataFrame:
+    """_STAT_COLUMNS for each row of ``df`` (NaN without runs or a baseline), batched by seed counts."""
+    keys = [*GROUP_COLUMNS, "ordering"]
+    own = df[keys].merge(pairs, on=keys, how="left")["pair"]  # pandas matches NaN keys to NaN keys
+    base_pairs = pairs[pairs["ordering"] == baseline].drop(columns="ordering")
+    base = df[list(GROUP_COLUMNS)].merge(base_pairs, on=list(GROUP_COLUMNS), how="left")["pair"]
+    out = pd.DataFrame(np.nan, index=df.index, columns=list(_STAT_COLUMNS))
+    out["final_train_loss_ci95"] = [
+        np.nan if pd.isna(p) else stats.t_ci_halfwidth(runs[int(p)].finals) for p in own
+    ]
+    batches: defaultdict[tuple[int, int, bool], list[int]] = defaultdict(list)
+    for row, (p, b) in enumerate(zip(own, base, strict=True)):
+        if not (pd.isna(p) or pd.isna(b)):
+            batches[(runs[int(b)].num_seeds, runs[int(p)].num_seeds, p == b)].append(row)
+    for (_, _, same), rows in batches.items():
+        found = stats.batched_speedups(
+            _stacked([runs[int(base[r])] for r in rows]),
+            _stacked([runs[int(own[r])] for r in rows]),
+            same=same,
+        )
+        out.iloc[rows, out.columns.get_loc("epochs_to_baseline")] = found["epochs_to_target"]
+        out.iloc[rows, out.columns.get_loc("seconds_to_baseline")] = found["seconds_to_target"]
+        for name in _STAT_COLUMNS[3:]:
+            out.iloc[rows, out.columns.get_loc(name)] = found[name]
+    return out
 
 
 def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.DataFrame:
@@ -389,7 +804,7 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
     """
     group = ", ".join(GROUP_COLUMNS)
     sql = f"""
-    WITH ep AS ({_completed_epochs_sql()}
+    WITH ep AS (SELECT * FROM _counted_epochs
     ), final AS (
         SELECT * FROM ep QUALIFY row_number() OVER (PARTITION BY sweep, trial_id ORDER BY epoch DESC) = 1
     ), per_ordering AS (
@@ -424,27 +839,16 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
             if sweep not in sweeps:
                 there = f"its sweeps: {', '.join(sweeps)}" if sweeps else "it holds no trials"
                 raise OrderlabError(f"no sweep {sweep!r} under results root {root!r}; {there}")
+        # the epochs of counted trials, read once: every query below uses them
+        con.execute(f"CREATE TEMP TABLE _counted_epochs AS {_completed_epochs_sql()}", {"sweep": sweep})
         df = con.execute(sql, {"sweep": sweep}).df()
-        curves = con.execute(_completed_epochs_sql(), {"sweep": sweep}).df()
-    runs = _runs_by_ordering(curves)
-    columns: dict[str, list[float]] = {name: [] for name in _STAT_COLUMNS}
-    for key, ordering in zip(df[list(GROUP_COLUMNS)].itertuples(index=False), df["ordering"], strict=True):
-        group_key = _group_key(key)
-        empty = stats.Runs(np.empty((0, 0)), np.empty((0, 0)), np.empty(0))
-        own, base = runs.get((group_key, ordering), empty), runs.get((group_key, baseline), empty)
-        speedup = stats.speedup_vs_baseline(base, own, same=ordering == baseline)
-        columns["epochs_to_baseline"].append(speedup.epochs_to_target)
-        columns["final_train_loss_ci95"].append(stats.t_ci_halfwidth(own.finals))
-        columns["seconds_to_baseline"].append(speedup.seconds_to_target)
-        for name in _STAT_COLUMNS[3:]:
-            columns[name].append(getattr(speedup, name))
+        pairs, runs = _pair_runs(con)
+    columns = _stat_columns(df, pairs, runs, baseline)
     df.insert(
         df.columns.get_loc("epoch_seconds_mean"), "epochs_to_baseline", columns.pop("epochs_to_baseline")
     )
     num_diverged = df.pop("num_diverged")
-    return df.assign(**{name: np.asarray(values, dtype=float) for name, values in columns.items()}).assign(
-        num_diverged=num_diverged
-    )
+    return pd.concat([df, columns], axis=1).assign(num_diverged=num_diverged)
 
 
 def summary_cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -553,9 +957,21 @@ def create_marker(root: str, relative: str) -> bool:
 
 
 def read_trial(root: str, sweep: str, trial_id: str) -> dict[str, Any] | None:
-    """The trials row of one trial, or None when it has none yet."""
+    """The trials row of one trial (its row file, else the newest compacted part that holds it), or None.
+
+    Warns:
+        DamagedResultsWarning: a compacted part of the sweep could not be read (it is skipped).
+    """
     fs, base = _storage(root)
     path = f"{base}/trials/{sweep}/{trial_id}.parquet"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    return pq.read_table(path, filesystem=fs).to_pylist()[0]
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return pq.read_table(path, filesystem=fs).to_pylist()[0]
+    for part in reversed(_parquet_files(fs, f"{base}/{COMPACTED_DIR}/trials/{sweep}")):  # newest first
+        try:
+            found = pq.read_table(part, filesystem=fs, filters=[("trial_id", "=", trial_id)])
+        except (OSError, pa.ArrowException) as exc:
+            _warn_damaged(root, fs, {part: f"{type(exc).__name__}: {exc}"}, "it was skipped")
+            continue
+        if found.num_rows:
+            return found.to_pylist()[0]
+    return None

@@ -146,14 +146,30 @@ def _speedups(base: Runs, runs: Runs, base_rows: np.ndarray, rows: np.ndarray) -
     target = base.finals[base_rows].mean(axis=-1)
     base_curve, base_seconds = mean_curve(base.losses[base_rows]), mean_curve(base.seconds[base_rows])
     curve, seconds = mean_curve(runs.losses[rows]), mean_curve(runs.seconds[rows])
+    return _speedups_of_curves(target, base_curve, base_seconds, curve, seconds)
+
+
+def _speedups_of_curves(
+    target: np.ndarray,
+    base_curve: np.ndarray,
+    base_seconds: np.ndarray,
+    curve: np.ndarray,
+    seconds: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Epochs and seconds to ``target`` [...] of mean curves [..., E], and the speedups (see _speedups)."""
     base_epochs = epochs_to_target(base_curve, target)
     base_time = seconds_to_target(base_curve, base_seconds, target)
     epochs = epochs_to_target(curve, target)
-    time = seconds_to_target(curve, seconds, target)
-    reached = first_reach(curve, target) >= 0
+    return _ratios(base_epochs, base_time, epochs, seconds_to_target(curve, seconds, target))
+
+
+def _ratios(
+    base_epochs: np.ndarray, base_time: np.ndarray, epochs: np.ndarray, time: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """epochs, time, speedup, time_speedup; 0 where ``epochs`` is NaN (the target never reached)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        speedup = np.where(reached, base_epochs / epochs, 0.0)
-        time_speedup = np.where(reached, base_time / time, 0.0)
+        speedup = np.where(np.isnan(epochs), 0.0, base_epochs / epochs)
+        time_speedup = np.where(np.isnan(epochs), 0.0, base_time / time)
     return epochs, time, speedup, time_speedup
 
 
@@ -206,3 +222,170 @@ def speedup_vs_baseline(
                 low, high = np.quantile(sample, tails)
                 intervals[i] = (float(low), float(high))
     return Speedup(epochs, time, speedup, *intervals[0], time_speedup, *intervals[1])
+
+
+def resample_counts(
+    num_base: int,
+    num_runs: int,
+    *,
+    same: bool,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bootstrap draws of ``speedup_vs_baseline`` as counts: how often each seed is drawn.
+
+    Args:
+        num_base, num_runs: seeds of the baseline and of the compared ordering.
+        same: the compared ordering is the baseline (one draw serves both sides).
+        num_resamples, seed: as in ``speedup_vs_baseline`` (the same draws).
+
+    Returns:
+        base [num_resamples, num_base] and runs [num_resamples, num_runs] float64 counts; each row
+        sums to its number of seeds.
+    """
+    rng = np.random.default_rng(seed)
+    base_rows = rng.integers(0, num_base, size=(num_resamples, num_base))
+    rows = base_rows if same else rng.integers(0, num_runs, size=(num_resamples, num_runs))
+    return (
+        (base_rows[..., None] == np.arange(num_base)).sum(axis=1, dtype=float),
+        (rows[..., None] == np.arange(num_runs)).sum(axis=1, dtype=float),
+    )
+
+
+def _weighted_curve(counts: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """``mean_curve`` of each resample: counts [B, k], curves [P, k, E] -> [P, B, E]."""
+    present = ~np.isnan(curves)
+    totals = counts @ np.where(present, curves, 0.0)
+    drawn = counts @ present.astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(drawn > 0, totals / np.maximum(drawn, 1), np.nan)
+
+
+def _weighted_mean(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mean of each resample, NaN when it draws a NaN: counts [B, k], values [P, k] -> [P, B]."""
+    missing = np.isnan(values)
+    totals = np.where(missing, 0.0, values) @ counts.T
+    return np.where(missing.astype(float) @ counts.T > 0, np.nan, totals / counts.sum(axis=1))
+
+
+def _complete(runs: Runs) -> bool:
+    return not (np.isnan(runs.losses).any() or np.isnan(runs.seconds).any() or np.isnan(runs.finals).any())
+
+
+def _reach_complete(runs: Runs, draws: _Draws, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and seconds to ``target`` [P, B] of each resample's mean curve, for runs without NaN.
+
+    The mean curves of the distinct resamples only (few with few seeds: 126 with 5) as one matrix
+    product; the first reaching epoch by binary search on each curve's running minimum (it reaches
+    where its running minimum does); the seconds summed over epochs per seed before the resample's
+    mean (the same sums in another order). Returns [P, B] each.
+    """
+    num_pairs, num_seeds, num_epochs = runs.losses.shape
+    counts, distinct, which = draws
+    drawn = counts[0].sum()  # every resample draws num_seeds seeds
+    flat = runs.losses.transpose(1, 0, 2).reshape(num_seeds, num_pairs * num_epochs)
+    curves = (distinct @ flat / drawn).reshape(len(distinct), num_pairs, num_epochs)
+    floor = np.minimum.accumulate(curves, axis=-1)  # [U, P, E], non-increasing in E
+    threshold = target + TIE_RTOL * np.abs(target)  # [P, B], as first_reach
+    pairs = np.arange(num_pairs)[:, None]
+    low = np.zeros(target.shape, dtype=np.int64)
+    high = np.full(target.shape, num_epochs)  # num_epochs: never reached
+    while (low < high).any():
+        middle = (low + high) // 2
+        reached = floor[which[None, :], pairs, np.minimum(middle, num_epochs - 1)] <= threshold
+        searching = low < high
+        high = np.where(searching & reached, middle, high)
+        low = np.where(searching & ~reached, middle + 1, low)
+    cumulative = np.cumsum(runs.seconds, axis=-1).transpose(0, 2, 1)  # [P, E, k]
+    at = cumulative[pairs, np.minimum(low, num_epochs - 1)]  # [P, B, k]
+    seconds = np.einsum("pbk,bk->pb", at, counts) / drawn
+    never = low >= num_epochs
+    return np.where(never, np.nan, low + 1.0), np.where(never, np.nan, seconds)
+
+
+_Draws = tuple[np.ndarray, np.ndarray, np.ndarray]  # counts [B, k], its distinct rows [U, k], row of each [B]
+
+
+def _draws(counts: np.ndarray) -> _Draws:
+    distinct, which = np.unique(counts, axis=0, return_inverse=True)
+    return counts, distinct, which.reshape(-1)
+
+
+def _batched_speedups(
+    base: Runs, runs: Runs, base_draws: _Draws, draws: _Draws, same: bool
+) -> tuple[np.ndarray, ...]:
+    """``_speedups`` for P pairs at once, the draws given as counts [B, k]: each output [P, B]."""
+    base_counts, counts = base_draws[0], draws[0]
+    if _complete(base) and _complete(runs):  # the usual case: every seed has every epoch
+        target = (base.finals @ base_counts.T) / base_counts.sum(axis=1)
+        base_epochs, base_time = _reach_complete(base, base_draws, target)
+        epochs, time = (base_epochs, base_time) if same else _reach_complete(runs, draws, target)
+        return _ratios(base_epochs, base_time, epochs, time)
+    target = _weighted_mean(base_counts, base.finals)
+    base_curve = _weighted_curve(base_counts, base.losses)
+    base_seconds = _weighted_curve(base_counts, base.seconds)
+    if same:
+        return _speedups_of_curves(target, base_curve, base_seconds, base_curve, base_seconds)
+    curve, seconds = _weighted_curve(counts, runs.losses), _weighted_curve(counts, runs.seconds)
+    return _speedups_of_curves(target, base_curve, base_seconds, curve, seconds)
+
+
+def batched_speedups(
+    base: Runs,
+    runs: Runs,
+    *,
+    same: bool = False,
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+    max_elements: int = 2_000_000,
+) -> dict[str, np.ndarray]:
+    """``speedup_vs_baseline`` for P (baseline, ordering) pairs with equal seed counts, vectorised.
+
+    Every pair gets the same draws as ``speedup_vs_baseline`` (they depend only on the seed counts),
+    applied as count-weighted means (matrix products), so the results equal it up to float
+    summation order. Work is done ``max_elements`` resampled curve values at a time.
+
+    Args:
+        base: the baselines, losses/seconds [P, num_base, E_base], finals [P, num_base]; NaN where
+            missing (a padded epoch is missing), num_base >= 1.
+        runs: the compared orderings, [P, num_runs, E] and [P, num_runs], num_runs >= 1.
+        same: each pair compares the baseline with itself (``runs`` is ``base``).
+        num_resamples, seed, confidence: as in ``speedup_vs_baseline``.
+        max_elements: resampled values per chunk of pairs (memory: about 100 bytes each).
+
+    Returns:
+        The fields of ``Speedup`` -> float64 [P].
+    """
+    num_pairs, num_base = base.finals.shape
+    num_runs = runs.finals.shape[-1]
+    ones = (_draws(np.ones((1, num_base))), _draws(np.ones((1, num_runs))))
+    draws = None
+    if num_base >= 2 and num_runs >= 2:
+        base_counts, counts = resample_counts(
+            num_base, num_runs, same=same, num_resamples=num_resamples, seed=seed
+        )
+        draws = (_draws(base_counts), _draws(counts))
+    width = max(base.losses.shape[-1], runs.losses.shape[-1])
+    complete = _complete(base) and _complete(runs)  # no [P, B, E] arrays: bigger chunks
+    step = max(1, max_elements // (num_resamples * (max(num_base, num_runs) if complete else max(width, 1))))
+    out: dict[str, list[np.ndarray]] = {name: [] for name in Speedup.__dataclass_fields__}
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+    for start in range(0, num_pairs, step):
+        chunk = slice(start, start + step)
+        b = Runs(base.losses[chunk], base.seconds[chunk], base.finals[chunk])
+        r = Runs(runs.losses[chunk], runs.seconds[chunk], runs.finals[chunk])
+        epochs, time, speedup, time_speedup = (v[:, 0] for v in _batched_speedups(b, r, *ones, same))
+        speedup = np.where(np.isnan(epochs), np.nan, speedup)  # never reached: undefined, not 0
+        time_speedup = np.where(np.isnan(epochs), np.nan, time_speedup)
+        intervals = [np.full((2, len(epochs)), np.nan) for _ in range(2)]
+        if draws is not None:
+            samples = _batched_speedups(b, r, *draws, same)[2:]
+            for i, (estimate, sample) in enumerate(zip((speedup, time_speedup), samples, strict=True)):
+                valid = ~np.isnan(estimate) & ~np.isnan(sample).any(axis=-1)
+                intervals[i] = np.where(valid, np.quantile(sample, tails, axis=-1), np.nan)
+        for name, value in zip(
+            out, (epochs, time, speedup, *intervals[0], time_speedup, *intervals[1]), strict=True
+        ):
+            out[name].append(value)
+    return {name: np.concatenate(values) if values else np.empty(0) for name, values in out.items()}

@@ -211,6 +211,7 @@ def run_trial(
         row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
     row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
     results.write_trial(root, row)
+    results.consolidate_trial(root, cfg.name, trial_id)  # no rank writes its rows any more
     if error is not None:
         raise error
 
@@ -480,6 +481,7 @@ def sweep(
             ),
         )
     grid = tuner.fit()
+    results.compact(root, sweep=cfg.name)  # every trial has ended: one part per table
     return SweepResult(
         name=cfg.name,
         storage=root,

@@ -150,6 +150,8 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(ray_cluster, tmp_path
         "SELECT count(*) AS n, count(DISTINCT (trial_id, epoch)) AS d FROM epochs"
     ).fetchone()
     assert counts == (12, 12)
+    parts = sorted(p.parent.parent.name for p in tmp_path.glob("compacted/*/resumed/*.parquet"))
+    assert parts == ["epochs", "trials"]  # the resumed sweep's end compacted it
 
 
 def test_resume_without_a_previous_sweep_is_a_clean_error(ray_cluster, tmp_path):

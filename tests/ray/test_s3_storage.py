@@ -99,3 +99,23 @@ def test_run_on_s3_storage_writes_and_queries_results(s3_endpoint, tmp_path):
     assert any(path.startswith(f"{BUCKET}/runs/_tune/tiny/") for path in files)  # Tune's state
     checkpoints = [path for path in files if path.startswith(f"{BUCKET}/runs/_train/tiny/")]
     assert any(path.endswith("/checkpoint.pt") for path in checkpoints)  # Train's checkpoints
+    # The sweep's end compacted the results in the bucket: one part per table, no row files left.
+    tables = [path for path in files if "/_tune/" not in path and "/_train/" not in path]
+    assert sorted(path.split("/")[3] for path in tables if path.endswith(".parquet")) == ["epochs", "trials"]
+    assert all(path.startswith(f"{BUCKET}/runs/compacted/") for path in tables if path.endswith(".parquet"))
+    # A rewritten epoch after compaction wins over the part; compacting again keeps one row per key.
+    results.write_epoch(storage, {"trial_id": trials_id(con), "sweep": "tiny", "epoch": 1, "train_loss": 9.0})
+    assert results.connect(storage).sql(
+        "SELECT epoch, train_loss = 9.0 FROM epochs ORDER BY 1"
+    ).fetchall() == [
+        (0, False),
+        (1, True),
+    ]
+    assert results.compact(storage).rows == {"trials": 0, "epochs": 2}  # trials: already one part
+    assert results.connect(storage).sql("SELECT count(*), max(train_loss) FROM epochs").fetchall() == [
+        (2, 9.0)
+    ]
+
+
+def trials_id(con) -> str:
+    return con.sql("SELECT trial_id FROM trials").fetchall()[0][0]

@@ -6,11 +6,14 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
-from orderlab import results
-from orderlab.errors import OrderlabError
+from orderlab import cli, results, stats
+from orderlab.errors import DamagedResultsWarning, OrderlabError
 
 # duckdb's .df() on TIMESTAMPTZ columns calls DataFrame.drop(inplace=True), deprecated in pandas 3.1.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.drop")
@@ -344,3 +347,180 @@ def test_summary_keeps_columns_and_counts_diverged(tmp_path: Path) -> None:
     text = results.format_summary(df)
     assert "diverged" in text.splitlines()[0] and "speedup [95% CI]" in text
     assert "1.5 [0, 1.5]" in text and "1.12 [0, 2]" in text and "± 3.2" in text
+
+
+def read_all(root: str) -> tuple:
+    return results.trials(root), results.epochs(root), results.summary(root)
+
+
+def assert_same_reads(root: str, expected: tuple) -> None:
+    trials, epochs, summary = read_all(root)
+    assert trials.equals(expected[0]) and epochs.equals(expected[1])
+    pd.testing.assert_frame_equal(summary, expected[2])
+
+
+def test_every_row_once_in_every_compaction_state(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)  # row files only: the layout before trial files and compaction
+    expected = read_all(root)
+    assert results.consolidate_trial(root, "s", "rr-0") == str(tmp_path / "epochs/s/rr-0/epochs.parquet")
+    assert sorted(p.name for p in (tmp_path / "epochs/s/rr-0").iterdir()) == ["epochs.parquet"]
+    assert results.consolidate_trial(root, "s", "rr-0") is None  # nothing left to merge
+    assert_same_reads(root, expected)
+    done = results.compact(root, sweep="s")
+    assert (done.sweeps, done.rows, done.damaged) == (["s"], {"trials": 5, "epochs": 13}, [])
+    assert not (tmp_path / "epochs/s").exists() and (tmp_path / "epochs/t/solo").is_dir()
+    assert_same_reads(root, expected)  # sweep s compacted, sweep t still row files
+    results.compact(root)
+    assert sorted(p.relative_to(tmp_path).parts[:3] for p in tmp_path.rglob("*.parquet")) == [
+        ("compacted", "epochs", "s"), ("compacted", "epochs", "t"),
+        ("compacted", "trials", "s"), ("compacted", "trials", "t"),
+    ]  # fmt: skip
+    assert_same_reads(root, expected)
+    assert results.compact(root).sweeps == []  # already one part per table and sweep
+    assert results.read_trial(root, "s", "rr-1")["ordering"] == "rr"  # from the compacted part
+    assert results.read_trial(root, "s", "nosuch") is None
+
+
+def test_newest_source_wins_after_compaction(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    results.compact(root)
+    # A resumed trial rewrites epoch 2 and its row: the row files win over the compacted part ...
+    results.write_epoch(root, {"trial_id": "rr-0", "sweep": "s", "epoch": 2, "train_loss": 9.0})
+    results.write_trial(root, trial_row("rr-0", ordering="rr", seed=0, status="error"))
+    assert results.epochs(root, trial_id="rr-0")["train_loss"].tolist() == [1.0, 0.75, 9.0]
+    assert results.trials(root, trial_id="rr-0")["status"].tolist() == ["error"]
+    # ... then the trial file, then a newer part.
+    results.consolidate_trial(root, "s", "rr-0")
+    assert results.epochs(root, trial_id="rr-0")["train_loss"].tolist() == [1.0, 0.75, 9.0]
+    results.compact(root)
+    assert len(list((tmp_path / "compacted/epochs/s").iterdir())) == 1
+    assert results.epochs(root, trial_id="rr-0")["train_loss"].tolist() == [1.0, 0.75, 9.0]
+    assert len(results.epochs(root)) == 15 and results.trials(root, status="error")["trial_id"].tolist() == [
+        "rr-0",
+        "rr-err",
+    ]
+
+
+def test_interrupted_compaction_leaves_each_row_once(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    expected = read_all(root)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.parquet")}
+    results.compact(root)
+    results.compact(root, sweep="s")  # a no-op: one part already
+    first_parts = sorted(tmp_path.glob("compacted/*/*/*.parquet"))
+    for path, data in before.items():  # as if killed after writing its parts, before removing inputs
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert_same_reads(root, expected)
+    results.compact(root)  # a second generation of parts: the older ones are removed after it
+    assert_same_reads(root, expected)
+    assert not set(tmp_path.glob("compacted/*/*/*.parquet")) & set(first_parts)
+
+
+def test_compact_migrates_files_without_newer_columns(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    old = results.EPOCHS_SCHEMA.remove(results.EPOCHS_SCHEMA.get_field_index("send_wait_seconds"))
+    path = tmp_path / "epochs/s/rr-1/epoch-00001.parquet"
+    pq.write_table(pq.read_table(path).select(old.names), path)  # written before the column existed
+    expected = read_all(root)
+    assert expected[1]["send_wait_seconds"].isna().all()
+    results.compact(root)
+    assert_same_reads(root, expected)
+    assert pq.read_schema(next(tmp_path.glob("compacted/epochs/s/*.parquet"))) == results.EPOCHS_SCHEMA
+
+
+def test_damaged_file_is_named_and_the_rest_is_read(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    expected = read_all(root)
+    bad = tmp_path / "epochs/s/cd-grab-0/epoch-00003.parquet"
+    bad.write_bytes(b"PAR1 half a file")  # a partial copy
+    with pytest.warns(DamagedResultsWarning, match=f"{bad}.*partial: copy the file again"):
+        assert results.epochs(root).equals(expected[1])
+    with pytest.warns(DamagedResultsWarning, match="partial"):
+        pd.testing.assert_frame_equal(results.summary(root), expected[2])
+    with pytest.warns(DamagedResultsWarning, match="left in place"):
+        assert results.consolidate_trial(root, "s", "cd-grab-0") is not None
+    with pytest.warns(DamagedResultsWarning, match="not compacted and is left in place"):
+        done = results.compact(root)
+    assert done.damaged == [str(bad)] and bad.read_bytes() == b"PAR1 half a file"
+    with pytest.warns(DamagedResultsWarning):
+        assert_same_reads(root, expected)
+
+
+def test_cli_names_a_damaged_file_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    (tmp_path / "epochs/s/rr-0/epoch-00003.parquet").write_bytes(b"garbage")
+    assert cli.main(["results", root, "--sweep", "s"]) == 2
+    out, err = capsys.readouterr()
+    assert "cd-grab" in out and "Traceback" not in err
+    assert err.startswith("orderlab: warning: unreadable results file") and "epoch-00003.parquet" in err
+    assert cli.main(["results", root, "--compact"]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        "compacted 2 sweep(s) (s, t): 21 files read, 6 trial rows and 15 epoch rows" in out
+        and "not compacted" in err
+    )
+    (tmp_path / "epochs/s/rr-0/epoch-00003.parquet").unlink()
+    assert cli.main(["results", root, "--compact"]) == 0
+    assert "compacted 0 sweep(s) (nothing to merge)" in capsys.readouterr().out
+
+
+def random_fixture(root: str, rng: np.random.Generator) -> None:
+    """Groups with 1-4 seeds per ordering, uneven epochs, missing timings: the batched summary's inputs."""
+    for lr in (0.1, 0.2, 0.3):
+        for ordering in ("rr", "so", "cd-grab"):
+            for seed in range(int(rng.integers(1, 5))):
+                trial_id = f"{ordering}-{lr}-{seed}"
+                results.write_trial(root, trial_row(trial_id, ordering=ordering, seed=seed, lr=lr))
+                for epoch in range(int(rng.integers(3, 7))):
+                    seconds = None if rng.random() < 0.1 else float(rng.random())
+                    loss = float(np.exp(-epoch * rng.uniform(0.2, 0.6)) + rng.normal(0, 0.02))
+                    results.write_epoch(
+                        root,
+                        {"trial_id": trial_id, "sweep": "s", "epoch": epoch, "train_loss": loss,
+                         "epoch_seconds": seconds},
+                    )  # fmt: skip
+
+
+def test_batched_summary_equals_the_per_ordering_bootstrap(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    random_fixture(root, np.random.default_rng(7))
+    df = results.summary(root)
+    trials = results.trials(root)[["trial_id", "ordering", "lr"]]
+    curves = results.epochs(root).drop(columns="lr").merge(trials, on="trial_id")
+
+    def runs(ordering: str, lr: float) -> stats.Runs:
+        rows = curves[(curves["ordering"] == ordering) & (curves["lr"] == lr)].sort_values(
+            ["trial_id", "epoch"]
+        )
+        seeds = {t: i for i, t in enumerate(sorted(rows["trial_id"].unique()))}
+        shape = (len(seeds), int(rows["epoch"].max()) + 1)
+        losses, seconds = np.full(shape, np.nan), np.full(shape, np.nan)
+        index = (rows["trial_id"].map(seeds).to_numpy(), rows["epoch"].to_numpy())
+        losses[index] = rows["train_loss"].to_numpy(dtype=float, na_value=np.nan)
+        seconds[index] = rows["epoch_seconds"].to_numpy(dtype=float, na_value=np.nan)
+        finals = rows.groupby("trial_id")["train_loss"].last().loc[sorted(seeds)].to_numpy()
+        return stats.Runs(losses, seconds, finals)
+
+    checked = 0
+    for _, row in df.iterrows():
+        own, base = runs(row["ordering"], row["lr"]), runs("rr", row["lr"])
+        expected = stats.speedup_vs_baseline(base, own, same=row["ordering"] == "rr")
+        speedups = ["speedup", "speedup_ci_low", "speedup_ci_high", "time_speedup", "time_speedup_ci_low"]
+        got = [
+            row["epochs_to_baseline"],
+            row["seconds_to_baseline"],
+            *row[[*speedups, "time_speedup_ci_high"]],
+        ]
+        np.testing.assert_allclose(got, list(vars(expected).values()), rtol=1e-12)
+        assert row["final_train_loss_ci95"] == pytest.approx(
+            stats.t_ci_halfwidth(own.finals), rel=1e-12, nan_ok=True
+        )
+        checked += not math.isnan(expected.speedup_ci_low)
+    assert len(df) == 9 and checked >= 3  # several rows with a bootstrap interval
