@@ -14,9 +14,10 @@ from typing import Any
 
 from ray import tune
 from ray.tune.experiment import Trial
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 
 def describe(point: Mapping[str, Any], keys: list[str] | None = None) -> str:
@@ -111,9 +112,9 @@ class Progress(tune.Callback):
         pending = max(self.total - self.finished - running, 0)
         return f"trials: {self.finished} done, {running} running, {pending} pending (of {self.total})"
 
-    def table(self, trials: list[Trial]) -> Table:
-        """The live table: one row per running trial."""
-        table = Table(title=self.counts(trials), title_justify="left", expand=False)
+    def table(self, trials: list[Trial]) -> Group:
+        """The live view: the counts line over a table of one row per running trial."""
+        table = Table(expand=False)
         for column in ("trial", "epoch", "train loss", "elapsed s"):
             table.add_column(column, justify="left" if column == "trial" else "right")
         now = time.monotonic()
@@ -128,7 +129,7 @@ class Progress(tune.Callback):
                 "-" if loss is None else f"{loss:.4f}",
                 f"{now - self.started.get(trial.trial_id, now):.0f}",
             )
-        return table
+        return Group(Text(self.counts(trials)), table)
 
     def refresh(self, trials: list[Trial]) -> None:
         """Redraw the live table (terminal) or print the counts line when ``interval`` has passed."""

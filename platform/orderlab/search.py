@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune.schedulers import (
     AsyncHyperBandScheduler,
     HyperBandScheduler,
@@ -150,12 +149,12 @@ class GridPointSearch(Searcher):
             self.searchers[point].on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump(self.__dict__, file)
+        with open(checkpoint_path, "wb") as file:  # cloudpickle: HyperOptSearch holds lambdas
+            cloudpickle.dump(self.__dict__, file)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
+            self.__dict__.update(cloudpickle.load(file))
 
 
 def make_searcher(search: SearchConfig) -> Searcher | None:

@@ -226,6 +226,9 @@ def run_trial(
         else:
             row.update(ray_train_trial(cfg, plan, trial_id, root, row))
     except Exception as failure:  # recorded in the trials table, then re-raised for Tune
+        current = results.read_trial(root, cfg.name, trial_id)
+        if current is not None and current["status"] == "stopped":
+            return  # a scheduler stopped it and ending its Ray Train run raised here: keep 'stopped'
         error = failure
         row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
     row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
@@ -323,8 +326,11 @@ def task_key(cfg: ExperimentConfig) -> str:
 class StoppedTrials(tune.Callback):
     """Records the trials a scheduler stopped: status ``stopped``, the last epoch reported, and why.
 
-    A stopped trial's process waits in its epoch report until Tune ends it, so its row still says
-    ``running`` when Tune completes it; a trial that ended on its own has written its final status.
+    Tune calls ``on_trial_complete`` as it decides to stop a trial, before it ends the trial's
+    process: a simulated trial waits in its epoch report and a Ray Train trial's ``fit()`` fails when
+    its worker group goes, so the row still says ``running`` (or ``error``, written by the failing
+    ``fit()``); a trial that ended on its own has written its final status. ``run_trial`` leaves a
+    ``stopped`` row as it is.
     """
 
     def __init__(self, root: str, sweep: str, scheduler: str, metric: str) -> None:
@@ -332,7 +338,7 @@ class StoppedTrials(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = results.read_trial(self.root, self.sweep, trial.trial_id)
-        if row is None or row["status"] != "running":
+        if row is None or row["status"] not in ("running", "error"):
             return
         last = trial.last_result or {}
         epoch, value = last.get("epoch"), last.get(self.metric, float("nan"))

@@ -189,3 +189,17 @@ def test_search_plan_random_is_tunes_variant_generator_and_a_searcher_goes_per_g
     algorithm, tuner_space, num_samples = search_plan(space, OptunaSearch(seed=0), 3, "train_loss", "min", 0)
     assert isinstance(algorithm, GridPointSearch) and algorithm.grid == GRID
     assert tuner_space == {"task.name": "digits-logreg"} and num_samples == 6
+
+
+@pytest.mark.parametrize("searcher", [OptunaSearch(seed=1), HyperOptSearch(random_state_seed=1)])
+def test_a_saved_search_restores_and_continues_as_the_original(tmp_path: Path, searcher: Searcher) -> None:
+    """Tune saves the search with the experiment's state; --resume restores it."""
+    space = {"train.lr": tune_space({"loguniform": [1e-3, 1.0]})}
+    original = GridPointSearch(searcher, GRID, space, 4, "train_loss", "min")
+    run_search(original, 3)
+    original.save(str(tmp_path / "search.pkl"))
+    restored = GridPointSearch(searcher, GRID, space, 4, "train_loss", "min")
+    restored.restore(str(tmp_path / "search.pkl"))
+    assert restored.started == [2, 1] and restored.turn == 1
+    assert [restored.suggest(f"u{i}") for i in range(5)] == [original.suggest(f"u{i}") for i in range(5)]
+    assert restored.suggest("u5") == Searcher.FINISHED
