@@ -184,15 +184,18 @@ def search_plan(
     metric: str,
     mode: str,
     seed: int | None,
+    max_concurrent: int = 0,
 ) -> tuple[SearchAlgorithm | Searcher, dict[str, Any], int]:
     """(search algorithm, the Tuner's param space, the Tuner's num_samples) for a param space.
 
-    ``searcher`` None: Tune's ``BasicVariantGenerator`` (seeded with ``seed``) over the whole space,
-    each grid point ``num_samples`` times. A ``Searcher``: a ``GridPointSearch`` of it (the Tuner's
-    space keeps the constants). Any other ``SearchAlgorithm`` is used as it is.
+    ``searcher`` None: Tune's ``BasicVariantGenerator`` (seeded with ``seed``, at most
+    ``max_concurrent`` trials at once; 0: no limit) over the whole space, each grid point
+    ``num_samples`` times. A ``Searcher``: a ``GridPointSearch`` of it (the Tuner's space keeps the
+    constants; Tune limits its concurrency). Any other ``SearchAlgorithm`` is used as it is.
     """
     if searcher is None:
-        return BasicVariantGenerator(random_state=seed), dict(space), num_samples
+        generator = BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+        return generator, dict(space), num_samples
     if not isinstance(searcher, Searcher):
         return searcher, dict(space), num_samples
     grid, sampled, constants = split_space(space)
@@ -297,7 +300,6 @@ def wandb_logged_in() -> bool:
     import wandb
 
     try:
-        wandb.ensure_configured()
-        return bool(wandb.api.api_key)
+        return bool(wandb.login(prompt=False, verify=False))  # a key from `wandb login`, not checked online
     except Exception:  # no key anywhere: wandb raises its own errors
         return False

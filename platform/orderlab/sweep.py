@@ -29,6 +29,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import BasicVariantGenerator
 
 from orderlab import results
 from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate, validate_grid
@@ -526,7 +527,10 @@ def sweep(
     if cfg.tracking or callbacks:
         axes.update(tracked_constants(cfg, axes))
     samples = num_samples or max(search.num_samples, cfg.num_samples)
-    algorithm, space, total = search_plan(axes, searcher, samples, search.metric, search.mode, search.seed)
+    concurrent = max_concurrent_trials(points)
+    algorithm, space, total = search_plan(
+        axes, searcher, samples, search.metric, search.mode, search.seed, concurrent
+    )
     grid_axes = split_space(axes)[0]
     grid_keys = [key for key in shown if key in grid_axes]
     num_trials = (
@@ -578,7 +582,8 @@ def sweep(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent_trials(points),
+                # a Searcher's limit (Tune wraps it in a ConcurrencyLimiter); the random search's is set above
+                max_concurrent_trials=None if isinstance(algorithm, BasicVariantGenerator) else concurrent,
                 num_samples=total,
                 search_alg=algorithm,
                 scheduler=trial_scheduler,

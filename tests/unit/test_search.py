@@ -184,8 +184,11 @@ def test_search_plan_random_is_tunes_variant_generator_and_a_searcher_goes_per_g
         "train.lr": tune_space({"loguniform": [1e-3, 1.0]}),
         "task.name": "digits-logreg",
     }
-    algorithm, tuner_space, num_samples = search_plan(space, None, 3, "train_loss", "min", 0)
+    algorithm, tuner_space, num_samples = search_plan(
+        space, None, 3, "train_loss", "min", 0, max_concurrent=2
+    )
     assert isinstance(algorithm, BasicVariantGenerator) and tuner_space == space and num_samples == 3
+    assert algorithm.max_concurrent == 2  # Tune ignores max_concurrent_trials for a SearchAlgorithm
     algorithm, tuner_space, num_samples = search_plan(space, OptunaSearch(seed=0), 3, "train_loss", "min", 0)
     assert isinstance(algorithm, GridPointSearch) and algorithm.grid == GRID
     assert tuner_space == {"task.name": "digits-logreg"} and num_samples == 6
