@@ -216,7 +216,13 @@ def run_trial(
     root = results_root(cfg.storage)
     previous = results.read_trial(root, cfg.name, trial_id)
     if previous is not None and previous["status"] in ("completed", "diverged", "stopped"):
-        return  # a resumed sweep whose saved Tune state predates this trial's end: keep its rows
+        # a resumed sweep whose saved Tune state predates this trial's end: keep its rows, and give
+        # Tune (its scheduler and searcher expect the metric) the trial's last epoch again
+        last = results.epochs(root, sweep=cfg.name, trial_id=trial_id).tail(1).to_dict("records")
+        if last:
+            metrics = {key: last[0][key] for key in ("epoch", "train_loss", "val_loss", "val_metric")}
+            tune.report({**metrics, "epochs_done": int(last[0]["epoch"]) + 1})
+        return
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
     results.write_trial(root, row)
     started = time.perf_counter()
