@@ -44,10 +44,24 @@ NOTES: dict[str, str] = {
     "and the CountSketch. A sweep axis like any other (`sweep: {seed: [0, 1]}`).",
     "storage": "Where results, Tune state and checkpoints go: a local path or a URI pyarrow understands "
     "(`s3://`, `gs://`, `file://`); a multi-node run needs one every node sees ([cluster](cluster.md)).",
-    "sweep": "The trials are the cartesian product of the axes, the last axis varying fastest. A section as the key takes mappings that set several of its keys together: "
+    "sweep": "The trials are the cartesian product of the grid axes (lists), the last axis varying fastest. A section as the key takes mappings that set several of its keys together: "
     "`train: [{num_workers: 4, batch_size: 4}, {num_workers: 8, batch_size: 8}]`. "
-    "`task.options.<key>` is an axis for any key. Every point is validated before anything runs.",
-    "num_samples": "Tune's `num_samples`: how many times the grid is repeated (with search spaces from Python).",
+    "`task.options.<key>` is an axis for any key. A search-space axis, `{choice: [...]}`, `{uniform: [a, b]}`, "
+    "`{loguniform: [a, b]}` or `{randint: [a, b]}` (b excluded), is sampled for each trial instead, "
+    "`sweep.search.num_samples` trials per grid point ([search](search.md)); `{grid: [...]}` is a list. "
+    "Every grid point is validated before anything runs, with each space at its ends (each choice).",
+    "num_samples": "Tune's `num_samples`: how many times the grid is repeated (with search spaces from Python). "
+    "With `sweep.search`, set `sweep.search.num_samples` instead.",
+    "tracking": "`mlflow` (tracking URI `MLFLOW_TRACKING_URI`, else `sqlite:///{storage}/mlflow.db`), "
+    "`tensorboard` (event files in each trial's directory under `{storage}/_tune/{name}/`), `wandb` "
+    "(project `name`; offline under `{storage}/wandb` unless `WANDB_API_KEY` is set or `wandb login` was run). "
+    "One run per trial, every epoch metric, the swept values, ordering, task, workers and seed as params "
+    "([search](search.md#experiment-tracking)).",
+    "sweep.search.algorithm": "`optuna` and `hyperopt` need `pip install 'orderlab[search]'`. "
+    "Each grid point gets its own searcher.",
+    "sweep.search.mode": "`min` or `max` of `metric`.",
+    "sweep.scheduler.mode": "`min` or `max` of `metric`.",
+    "sweep.scheduler.name": "A stopped trial is recorded with `trials.status = 'stopped'` and `stopped_epoch`.",
     "task.name": "A registered task (`orderlab.tasks.TASKS`; the README's table lists them).",
     "task.data_dir": "Where the task's files are: this, else `ORDERLAB_DATA`, else `~/.cache/orderlab/data`.",
     "task.train_examples": "Validation is never subset.",

@@ -33,15 +33,23 @@ AddressOpt = Annotated[
     str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="show Ray's and Tune's own output")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", help="one line per finished trial, no live progress table")
+]
 
 
 def _print_outcome(result) -> None:
     from orderlab import results
 
+    stopped = f", {result.num_stopped} stopped early" if result.num_stopped else ""
     print(
-        f"\nsweep {result.name}: {result.num_trials} trials, {result.num_errors} errors; results in {result.storage}"
+        f"\nsweep {result.name}: {result.num_trials} trials, {result.num_errors} errors{stopped}; "
+        f"results in {result.storage}"
     )
     print(results.format_summary(result.summary))
+    if len(result.best) and result.num_trials > len(result.best):  # a search: several trials per point
+        print("\nbest completed trial of each grid point:")
+        print(result.best.to_string(index=False))
     print(
         f'\nquery: orderlab results {result.storage} --sql "SELECT ordering, epoch, avg(train_loss) '
         'FROM epochs JOIN trials USING (trial_id) GROUP BY ALL ORDER BY ALL"'
@@ -52,12 +60,16 @@ def _print_outcome(result) -> None:
     epilog="Example: orderlab run configs/tiny.yaml --set ordering.name=cd-grab --set train.epochs=3"
 )
 def run(
-    config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None, verbose: VerboseOpt = False
+    config: ConfigArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run one trial of CONFIG (its sweep axes are ignored) and print its summary."""
     from orderlab.sweep import run as run_one
 
-    _print_outcome(run_one(config, set_ or [], address=address, verbose=verbose))
+    _print_outcome(run_one(config, set_ or [], address=address, verbose=verbose, quiet=quiet))
 
 
 @app.command(
@@ -68,15 +80,17 @@ def sweep(
     set_: SetOpt = None,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="finish an interrupted sweep (same storage): finished trials are kept"),
     ] = False,
 ) -> None:
-    """Run every trial of CONFIG's sweep axes on Ray; print one line per trial, then a table per ordering."""
+    """Run every trial of CONFIG's sweep on Ray, showing live progress; print a line per finished trial,
+    then a table per ordering (and each grid point's best trial after a search)."""
     from orderlab.sweep import sweep as run_sweep
 
-    result = run_sweep(config, set_ or [], address=address, verbose=verbose, resume=resume)
+    result = run_sweep(config, set_ or [], address=address, verbose=verbose, resume=resume, quiet=quiet)
     _print_outcome(result)
     if result.num_errors:
         raise typer.Exit(1)

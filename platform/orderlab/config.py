@@ -36,9 +36,13 @@ Overrides = Mapping[str, Any] | Sequence[str]
 
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 #: dict-valued fields whose sub-keys are free: sweep axes (dotted names) and task options (nested)
-_FREE_KEYS = ("sweep", "task.options")
-#: leaf keys that make no sense as a sweep axis
-_NOT_SWEEPABLE = ("sweep", "num_samples")
+_FREE_KEYS = ("task.options",)
+#: top-level keys (and the keys under them) that make no sense as a sweep axis
+_NOT_SWEEPABLE = ("sweep", "num_samples", "tracking")
+#: the forms of a sweep axis's value: a list is a grid; a mapping with one of these keys is a space
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+#: what a search or scheduler can optimise: an epoch row's metric, reported to Tune every epoch
+Metric = Literal["train_loss", "val_loss", "val_metric"]
 _OPTIONS_PREFIX = "task.options."
 _MAX_ERROR_LINES = 30
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -298,6 +302,137 @@ class FaultsConfig(BaseModel):
     kill_order_server: FaultPoint | None = None
 
 
+class SearchConfig(BaseModel):
+    """How the trials of a sweep with search spaces are chosen: ``num_samples`` trials per grid point.
+
+    The grid axes (lists) are crossed with the search: every grid point gets its own search over the
+    space axes (``{loguniform: [a, b]}``, ...), so each ordering is tuned on its own.
+    """
+
+    model_config = _MODEL_CONFIG
+    # random: Tune's random sampling; optuna: Tune's OptunaSearch (TPE); hyperopt: Tune's HyperOptSearch
+    algorithm: Literal["random", "optuna", "hyperopt"] = "random"
+    num_samples: Int = Field(1, ge=1)  # trials per grid point
+    metric: Metric = (
+        "train_loss"  # the epoch metric the search optimises (its value at the trial's last epoch)
+    )
+    mode: Literal["min", "max"] = "min"
+    seed: Int = Field(0, ge=0, lt=2**32)  # the same seed gives the same suggestions for the same results
+
+
+class SchedulerConfig(BaseModel):
+    """Tune's trial scheduler: which trials to stop early. Its time unit is the epoch."""
+
+    model_config = _MODEL_CONFIG
+    # fifo: run every trial to the end; asha: Tune's ASHAScheduler; median-stopping: Tune's
+    # MedianStoppingRule; hyperband: Tune's HyperBandScheduler (pauses trials and resumes them from checkpoints)
+    name: Literal["fifo", "asha", "median-stopping", "hyperband"] = "fifo"
+    metric: Metric = "train_loss"  # the epoch metric compared between trials
+    mode: Literal["min", "max"] = "min"
+    grace_period: Int = Field(
+        1, ge=1
+    )  # epochs a trial trains before it can be stopped (asha, median-stopping)
+    reduction_factor: Float = Field(3.0, gt=1)  # asha and hyperband: keep 1 / reduction_factor at each rung
+    brackets: Int = Field(1, ge=1)  # asha only
+    min_samples_required: Int = Field(3, ge=1)  # median-stopping only: trials to compare against
+
+
+class SweepConfig(BaseModel):
+    """The sweep: axes by dotted key (a list is a grid, a mapping is a search space), and how to search and schedule.
+
+    Any other key is an axis: ``ordering.name: [rr, cd-grab]`` (grid), ``train.lr: {loguniform: [1.0e-3, 1.0]}``
+    (search space; also ``choice``, ``uniform``, ``randint`` and ``grid``).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        """Every axis by dotted key, in the order written: grid lists and search-space mappings."""
+        return dict(self.model_extra or {})
+
+    @property
+    def grid_axes(self) -> dict[str, list[Any]]:
+        """The grid axes (lists, ``{grid: [...]}``) with their values."""
+        return {key: grid_values(value) for key, value in self.axes.items() if space_kind(value) == "grid"}
+
+    @property
+    def space_axes(self) -> dict[str, dict[str, Any]]:
+        """The search-space axes (``{choice: ...}``, ``{uniform: ...}``, ...): sampled, not crossed."""
+        return {key: value for key, value in self.axes.items() if space_kind(value) != "grid"}
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> Self:
+        for axis, values in self.axes.items():
+            if not _is_sweep_axis(axis):
+                valid = sweep_axes()
+                axes = ", ".join(
+                    [*valid, _OPTIONS_PREFIX + "<key>", "a section (train, ordering, ...) of mappings"]
+                )
+                reason = f"unknown sweep axis{_suggest(axis, valid)}; valid axes: {axes}"
+                raise _field_error(axis, values, reason)
+            problem = space_problem(values)
+            if problem:
+                raise _field_error(axis, values, problem)
+            if _is_section_axis(axis):
+                options = values.get("grid", values.get("choice")) if isinstance(values, Mapping) else values
+                if not isinstance(options, list) or not all(isinstance(v, Mapping) for v in options):
+                    section = _model_at(axis.split("."))
+                    assert section is not None  # _is_section_axis: a section's model
+                    reason = f"a section as an axis takes mappings of its keys, e.g. [{{{next(iter(section.model_fields))}: ...}}]"
+                    raise _field_error(axis, values, reason)
+        return self
+
+
+def space_kind(value: Any) -> str:
+    """``grid`` for a list or ``{grid: [...]}``, else the space's kind (``choice``, ``uniform``, ...)."""
+    return "grid" if isinstance(value, list) else str(next(iter(value)))
+
+
+def grid_values(value: Any) -> list[Any]:
+    """The values of a grid axis: the list itself, or ``{grid: [...]}``'s list."""
+    return list(value) if isinstance(value, list) else list(value["grid"])
+
+
+def space_problem(value: Any) -> str | None:
+    """Why ``value`` is not a sweep axis's value (a non-empty list or one space of SPACE_KINDS), or None."""
+    if isinstance(value, list):
+        return None if value else "needs at least one value"
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in SPACE_KINDS:
+        return (
+            "must be a list of values (a grid) or one search space: {choice: [...]}, {uniform: [a, b]}, "
+            "{loguniform: [a, b]}, {randint: [a, b]} or {grid: [...]}"
+        )
+    kind, args = next(iter(value.items()))
+    if kind in ("grid", "choice"):
+        return None if isinstance(args, list) and args else f"{kind} takes a non-empty list of values"
+    numbers = isinstance(args, list) and len(args) == 2
+    numbers = numbers and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+    if not numbers or not all(math.isfinite(a) for a in args):
+        return f"{kind} takes [low, high], two finite numbers"
+    low, high = args
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        return "randint takes [low, high], two integers (high excluded)"
+    if not low < high:
+        return f"{kind} needs low < high"
+    if kind == "loguniform" and low <= 0:
+        return "loguniform needs 0 < low"
+    return None
+
+
+def space_examples(value: Any) -> list[Any]:
+    """Values of a checked search space that every grid point is validated with: each choice, or
+    the ends of a range (randint's high is excluded)."""
+    kind, args = next(iter(value.items()))
+    if kind == "choice":
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [float(args[0]), float(args[1])]
+
+
 class ExperimentConfig(BaseModel):
     """One experiment: the base trial config plus the sweep axes expanded around it."""
 
@@ -309,8 +444,10 @@ class ExperimentConfig(BaseModel):
     ordering: OrderingConfig = OrderingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     storage: str = Field("results", min_length=1)
-    sweep: dict[str, list[Any]] = {}  # dotted key -> values; see expand_grid
+    sweep: SweepConfig = SweepConfig()
     num_samples: Int = Field(1, ge=1)
+    # experiment trackers every trial reports its epochs to (Tune's logger callbacks)
+    tracking: list[Literal["mlflow", "tensorboard", "wandb"]] = []
     metrics: MetricsConfig = MetricsConfig()
     faults: FaultsConfig = FaultsConfig()  # test-only
 
@@ -321,25 +458,15 @@ class ExperimentConfig(BaseModel):
             raise _field_error("", name, "must name a directory, not '.' or '..'")
         return name
 
-    @field_validator("sweep")
-    @classmethod
-    def _check_axes(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        valid = sweep_axes()
-        for axis, values in sweep.items():
-            if not _is_sweep_axis(axis):
-                axes = ", ".join(
-                    [*valid, _OPTIONS_PREFIX + "<key>", "a section (train, ordering, ...) of mappings"]
-                )
-                reason = f"unknown sweep axis{_suggest(axis, valid)}; valid axes: {axes}"
-                raise _field_error(axis, values, reason)
-            if not values:
-                raise _field_error(axis, values, "needs at least one value")
-            if _is_section_axis(axis) and not all(isinstance(value, Mapping) for value in values):
-                section = _model_at(axis.split("."))
-                assert section is not None  # _is_section_axis: a section's model
-                reason = f"a section as an axis takes mappings of its keys, e.g. [{{{next(iter(section.model_fields))}: ...}}]"
-                raise _field_error(axis, values, reason)
-        return sweep
+    @model_validator(mode="after")
+    def _check_num_samples(self) -> Self:
+        if self.num_samples > 1 and self.sweep.search.num_samples > 1:
+            raise _field_error(
+                "num_samples",
+                self.num_samples,
+                "and sweep.search.num_samples both repeat the grid: set only sweep.search.num_samples",
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_backend(self) -> Self:
@@ -429,14 +556,17 @@ def leaf_keys() -> list[str]:
 
 
 def sweep_axes() -> list[str]:
-    """The keys a sweep may vary: leaves (but ``sweep``, ``num_samples``) and ``train.lr_schedule``.
+    """The keys a sweep may vary: leaves (but those under ``sweep``, ``num_samples``, ``tracking``)
+    and ``train.lr_schedule``.
 
     ``task.options.<key>`` is also an axis, for any ``<key>``.
     """
-    return [k for k in leaf_keys() if k not in _NOT_SWEEPABLE] + ["train.lr_schedule"]
+    return [k for k in leaf_keys() if k.split(".")[0] not in _NOT_SWEEPABLE] + ["train.lr_schedule"]
 
 
 def _is_sweep_axis(key: str) -> bool:
+    if key.split(".")[0] in _NOT_SWEEPABLE:
+        return False
     return (
         key in sweep_axes()
         or _is_section_axis(key)
@@ -448,7 +578,8 @@ def _is_section_axis(key: str) -> bool:
     """A section (``train``, ``ordering``, ...) as an axis: each value, a mapping, sets several keys
     of the section together (``train: [{num_workers: 4, batch_size: 4}, {num_workers: 8, batch_size: 8}]``)."""
     sections = _model_at(key.split(".")) not in (None, ExperimentConfig)
-    return sections and key not in sweep_axes()  # train.lr_schedule also takes its shorthand
+    sweepable = key.split(".")[0] not in _NOT_SWEEPABLE
+    return sections and sweepable and key not in sweep_axes()  # train.lr_schedule also takes its shorthand
 
 
 def _model_at(parts: Sequence[Any]) -> type[BaseModel] | None:
@@ -492,7 +623,8 @@ def _parse_overrides(overrides: Overrides) -> list[tuple[str, Any]]:
 def apply_overrides(data: Mapping[str, Any], overrides: Overrides | None) -> dict[str, Any]:
     """A copy of ``data`` with each dotted override set; a mapping value merges into a section.
 
-    ``sweep.<axis>`` takes the rest of the key as one axis name (``sweep.ordering.name``) and
+    ``sweep.<axis>`` takes the rest of the key as one axis name (``sweep.ordering.name``; but
+    ``sweep.search.*`` and ``sweep.scheduler.*`` are keys), ``sweep`` alone replaces every axis, and
     ``task.options.<x>`` accepts any (nested) key; every other key must exist in the schema.
 
     Raises:
@@ -512,6 +644,12 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node: dict[str, Any] = data
     model: type[BaseModel] = ExperimentConfig
+    if parts[0] == "sweep" and (len(parts) == 1 or parts[1] not in SweepConfig.model_fields):
+        if len(parts) == 1:  # the whole sweep is replaced, not merged: {"sweep": {}} removes every axis
+            data["sweep"] = copy.deepcopy(value)
+        else:  # an axis is one dotted name
+            _mapping_at(data, "sweep", "sweep")[".".join(parts[1:])] = copy.deepcopy(value)
+        return
     for depth, part in enumerate(parts):
         dotted, rest = ".".join(parts[: depth + 1]), parts[depth + 1 :]
         field = model.model_fields.get(part)
@@ -529,10 +667,9 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
             raise OrderlabError(f"{key}: {dotted} is a value, not a section with keys")
         node = _mapping_at(node, part, dotted)
         if sub is None:
-            path = [".".join(rest)] if dotted == "sweep" else rest  # a sweep axis is one dotted name
-            for i, free_part in enumerate(path[:-1]):
-                node = _mapping_at(node, free_part, ".".join([dotted, *path[: i + 1]]))
-            node[path[-1]] = copy.deepcopy(value)
+            for i, free_part in enumerate(rest[:-1]):
+                node = _mapping_at(node, free_part, ".".join([dotted, *rest[: i + 1]]))
+            node[rest[-1]] = copy.deepcopy(value)
             return
         model = sub
 
@@ -642,31 +779,39 @@ def _describe_yaml_error(err: yaml.YAMLError) -> str:
 
 
 def expand_grid(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """The cartesian product of ``cfg.sweep``, one dict of dotted overrides per point.
+    """The cartesian product of ``cfg.sweep``'s grid axes, one dict of dotted overrides per point.
 
-    Axes vary in the order they are listed in ``cfg.sweep``, the last one fastest; no axes
-    gives one empty point.
+    Axes vary in the order they are listed in ``cfg.sweep``, the last one fastest; no grid axes
+    gives one empty point. Search-space axes are not crossed: they are sampled per grid point.
     """
-    axes = list(cfg.sweep)
-    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*cfg.sweep.values())]
+    grid = cfg.sweep.grid_axes
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def validate_grid(cfg: ExperimentConfig) -> list[ExperimentConfig]:
-    """Every sweep point of ``cfg`` as its own validated config (with an empty ``sweep``).
+    """Every grid point of ``cfg`` as its own validated config (with an empty ``sweep``).
+
+    Each point is also checked with every search-space axis at each of its ``space_examples``
+    (each choice, the ends of a range), so a space that cannot give a valid trial fails here.
 
     Raises:
         OrderlabError: any point is invalid; each line names the point's axis values.
     """
     base = cfg.model_dump()
     base["sweep"] = {}
+    samples = [
+        {axis: value} for axis, space in cfg.sweep.space_axes.items() for value in space_examples(space)
+    ]
     points: list[ExperimentConfig] = []
     lines: list[str] = []
     for point in expand_grid(cfg):
-        label = "sweep[" + ", ".join(f"{k}={v!r}" for k, v in point.items()) + "]"
-        point_cfg, point_lines = _checked(apply_overrides(base, point), label)
-        points += [point_cfg] if point_cfg else []
-        lines += point_lines
+        for sample in [{}, *samples]:
+            label = "sweep[" + ", ".join(f"{k}={v!r}" for k, v in {**point, **sample}.items()) + "]"
+            point_cfg, point_lines = _checked(apply_overrides(base, {**point, **sample}), label)
+            points += [point_cfg] if point_cfg and not sample else []
+            lines += point_lines
     if lines:
+        lines = list(dict.fromkeys(lines))
         more = len(lines) - _MAX_ERROR_LINES
         raise OrderlabError("\n".join(lines[:_MAX_ERROR_LINES] + ([f"... {more} more"] if more > 0 else [])))
     return points

@@ -621,7 +621,7 @@ class TrainingLoop:
         self, epoch: int, times: EpochTimes, herding: float | None, checkpoint: bool = True
     ) -> None:
         """Evaluate, write the epoch row and a checkpoint keyed by epoch (where this process writes
-        results), and report the row."""
+        results), and report the row with ``epochs_done`` (epoch + 1)."""
         metrics = self.evaluate()
         row = {
             "trial_id": self.trial_id,
@@ -634,12 +634,13 @@ class TrainingLoop:
             **asdict(times),
         }
         if not self.workers.writes_results:
-            self.workers.report(row, None)
+            self.workers.report({**row, "epochs_done": epoch + 1}, None)
             return
         row["order_digest"] = self.workers.order_digest(epoch)
         results.write_epoch(self.results_root, row)
         state = self.trial.checkpoint(epoch, self.workers.ordering_state(epoch)) if checkpoint else None
-        self.workers.report(row, state)
+        # epochs_done: the time unit of Tune's schedulers (orderlab.search.TIME_ATTR)
+        self.workers.report({**row, "epochs_done": epoch + 1}, state)
 
     def restore_checkpoint(self) -> int:
         """Load the latest checkpoint into model, optimizer, scheduler and RNG, start the workers

@@ -53,8 +53,9 @@ TRIALS_SCHEMA = pa.schema([
     ("seed", _I32), ("epochs", _I32), ("shard_size", _I32),
     ("backend", _STR),  # train.backend: ray-train or simulated
     ("num_dropped", _I64),  # examples dropped from the tail to make equal shards
-    ("status", _STR), ("error", _STR),  # status: one of STATUSES; error: the reason for error/diverged
+    ("status", _STR), ("error", _STR),  # status: one of STATUSES; error: the reason for error/diverged/stopped
     ("diverged_epoch", _I32),  # the epoch in which a non-finite loss or gradient appeared
+    ("stopped_epoch", _I32),  # the last epoch of a trial the sweep's scheduler stopped early
     ("started_at", _UTC_US), ("finished_at", _UTC_US), ("wall_seconds", _F64),
     ("orderlab_version", _STR), ("ray_version", _STR), ("torch_version", _STR), ("python_version", _STR),
     ("git_commit", _STR),
@@ -84,7 +85,7 @@ _DUCKDB_TYPES = {
     "string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE",
     "timestamp[us, tz=UTC]": "TIMESTAMPTZ", "list<item: string>": "VARCHAR[]",
 }  # fmt: skip
-STATUSES = ("running", "completed", "error", "diverged")
+STATUSES = ("running", "completed", "error", "diverged", "stopped")
 
 # summary(): the columns that define one comparison; orderings are compared within a group.
 GROUP_COLUMNS = (
@@ -773,8 +774,9 @@ def _stat_columns(
 def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.DataFrame:
     """Compare orderings over seeds: one row per group (GROUP_COLUMNS) and ordering.
 
-    Means are over completed trials; diverged trials (status 'diverged') are only counted, and an
-    ordering whose trials all diverged still gets a row (num_seeds 0). "Final" is each trial's row
+    Means are over completed trials; diverged trials and trials a scheduler stopped early (status
+    'diverged', 'stopped') are only counted, and an ordering whose trials all diverged or stopped
+    still gets a row (num_seeds 0). "Final" is each trial's row
     with the largest epoch. The target is the baseline ordering's ``final_train_loss_mean`` in the
     same group; an ordering's mean-over-seeds train-loss curve reaches it at the first epoch where
     it is <= the target (a tie reaches). Everything measured against the target is NaN when the
@@ -795,7 +797,7 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
         speedup (the baseline's epochs to its own final mean / epochs_to_baseline),
         speedup_ci_low, speedup_ci_high, time_speedup (the same with seconds), time_speedup_ci_low,
         time_speedup_ci_high (bootstrap 95% CIs over seeds, see
-        ``orderlab.stats.speedup_vs_baseline``) and num_diverged; sorted by group, then
+        ``orderlab.stats.speedup_vs_baseline``), num_diverged and num_stopped; sorted by group, then
         final_train_loss_mean (orderings without completed trials last).
 
     Raises:
@@ -817,14 +819,15 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
                avg(order_wait_seconds) AS order_wait_seconds_mean
         FROM ep GROUP BY ALL
     ), diverged AS (
-        SELECT {group}, ordering, count(*) AS num_diverged FROM trials
-        WHERE status = 'diverged' AND ($sweep::VARCHAR IS NULL OR sweep = $sweep) GROUP BY ALL
+        SELECT {group}, ordering, count(*) FILTER (status = 'diverged') AS num_diverged,
+               count(*) FILTER (status = 'stopped') AS num_stopped FROM trials
+        WHERE status IN ('diverged', 'stopped') AND ($sweep::VARCHAR IS NULL OR sweep = $sweep) GROUP BY ALL
     ), keys AS (
         SELECT {group}, ordering FROM per_ordering UNION SELECT {group}, ordering FROM diverged
     )
     SELECT k.*, coalesce(p.num_seeds, 0) AS num_seeds, p.final_train_loss_mean, p.final_train_loss_std,
            p.val_metric_mean, p.val_metric_name, m.epoch_seconds_mean, m.order_wait_seconds_mean,
-           coalesce(d.num_diverged, 0) AS num_diverged
+           coalesce(d.num_diverged, 0) AS num_diverged, coalesce(d.num_stopped, 0) AS num_stopped
     FROM keys k
     LEFT JOIN per_ordering p ON {_same_group("k", "p")} AND k.ordering = p.ordering
     LEFT JOIN timing m ON {_same_group("k", "m")} AND k.ordering = m.ordering
@@ -847,8 +850,8 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
     df.insert(
         df.columns.get_loc("epoch_seconds_mean"), "epochs_to_baseline", columns.pop("epochs_to_baseline")
     )
-    num_diverged = df.pop("num_diverged")
-    return pd.concat([df, columns], axis=1).assign(num_diverged=num_diverged)
+    num_diverged, num_stopped = df.pop("num_diverged"), df.pop("num_stopped")
+    return pd.concat([df, columns], axis=1).assign(num_diverged=num_diverged, num_stopped=num_stopped)
 
 
 def summary_cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -858,7 +861,7 @@ def summary_cells(df: pd.DataFrame) -> pd.DataFrame:
         df: the DataFrame returned by ``summary()``.
 
     Returns:
-        One row per row of ``df``, string columns: ordering, seeds, diverged, final train loss
+        One row per row of ``df``, string columns: ordering, seeds, diverged, stopped, final train loss
         (mean ± std), 95% CI (± half-width), val metric, epochs to baseline, s to baseline,
         speedup [95% CI], time speedup [95% CI], epoch s, order-wait s; "-" where NaN.
     """
@@ -884,6 +887,7 @@ def summary_cells(df: pd.DataFrame) -> pd.DataFrame:
             "ordering": df["ordering"].tolist(),
             "seeds": df["num_seeds"].tolist(),
             "diverged": df["num_diverged"].tolist(),
+            "stopped": df["num_stopped"].tolist(),
             "final train loss": [
                 m + s for m, s in zip(cells("final_train_loss_mean", ".4g"), stds, strict=True)
             ],

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +29,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import BasicVariantGenerator
 
 from orderlab import results
 from orderlab.config import ExperimentConfig, config_to_dict, load_config, validate, validate_grid
@@ -36,6 +37,16 @@ from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
 from orderlab.loop import TrialPlan, build_model, load_checkpoint, ordering_spec, plan_trial, save_checkpoint
 from orderlab.orderings import ordering_class
+from orderlab.progress import Progress
+from orderlab.search import (
+    GridPointSearch,
+    make_scheduler,
+    make_searcher,
+    search_plan,
+    split_space,
+    tracking_callbacks,
+    tune_space,
+)
 from orderlab.server import RemoteOrderServer
 from orderlab.simulated import run_simulated_trial
 from orderlab.source import source_commit
@@ -52,6 +63,9 @@ else:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+#: seconds Tune waits for a stopped trial's process to end before it kills it: a trial the scheduler
+#: stops waits in its epoch report, so it never ends by itself (Tune's default is 600)
+CLEANUP_SECONDS = "5"
 #: environment for every Ray process of a sweep; RAY_TRAIN_* reach the Train controller and workers
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
@@ -65,8 +79,12 @@ class SweepResult:
 
     Attributes:
         name: the sweep name. storage: the results root (absolute path or URI).
-        num_trials / num_errors: trials run and trials that ended in error.
+        num_trials / num_errors / num_stopped: trials run, trials that ended in error, trials the
+            scheduler stopped early.
         summary: ``orderlab.results.summary`` of the sweep (one row per ordering and setting).
+        best: the best completed trial of each grid point by the search's metric at its last epoch:
+            the grid axes, trial_id, the searched axes, epochs_done and the metric (empty when no
+            trial completed).
     """
 
     name: str
@@ -74,6 +92,8 @@ class SweepResult:
     num_trials: int
     num_errors: int
     summary: pd.DataFrame
+    num_stopped: int = 0
+    best: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass(frozen=True)
@@ -195,8 +215,14 @@ def run_trial(
     )
     root = results_root(cfg.storage)
     previous = results.read_trial(root, cfg.name, trial_id)
-    if previous is not None and previous["status"] in ("completed", "diverged"):
-        return  # a resumed sweep whose saved Tune state predates this trial's end: keep its rows
+    if previous is not None and previous["status"] in ("completed", "diverged", "stopped"):
+        # a resumed sweep whose saved Tune state predates this trial's end: keep its rows, and give
+        # Tune (its scheduler and searcher expect the metric) the trial's last epoch again
+        last = results.epochs(root, sweep=cfg.name, trial_id=trial_id).tail(1).to_dict("records")
+        if last:
+            metrics = {key: last[0][key] for key in ("epoch", "train_loss", "val_loss", "val_metric")}
+            tune.report({**metrics, "epochs_done": int(last[0]["epoch"]) + 1})
+        return
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
     results.write_trial(root, row)
     started = time.perf_counter()
@@ -207,6 +233,9 @@ def run_trial(
         else:
             row.update(ray_train_trial(cfg, plan, trial_id, root, row))
     except Exception as failure:  # recorded in the trials table, then re-raised for Tune
+        current = results.read_trial(root, cfg.name, trial_id)
+        if current is not None and current["status"] == "stopped":
+            return  # a scheduler stopped it and ending its Ray Train run raised here: keep 'stopped'
         error = failure
         row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
     row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
@@ -302,23 +331,34 @@ def task_key(cfg: ExperimentConfig) -> str:
     )
 
 
-class TrialLines(tune.Callback):
-    """One console line per finished trial."""
+class StoppedTrials(tune.Callback):
+    """Records the trials a scheduler stopped: status ``stopped``, the last epoch reported, and why.
+
+    Tune calls ``on_trial_complete`` as it decides to stop a trial, before it ends the trial's
+    process: a simulated trial waits in its epoch report and a Ray Train trial's ``fit()`` fails when
+    its worker group goes, so the row still says ``running`` (or ``error``, written by the failing
+    ``fit()``); a trial that ended on its own has written its final status. ``run_trial`` leaves a
+    ``stopped`` row as it is.
+    """
+
+    def __init__(self, root: str, sweep: str, scheduler: str, metric: str) -> None:
+        self.root, self.sweep, self.scheduler, self.metric = root, sweep, scheduler, metric
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        print(
-            f"done  {_describe(trial.config)}  train_loss={result.get('train_loss', float('nan')):.4f}  "
-            f"val_metric={result.get('val_metric', float('nan')):.4f}",
-            flush=True,
+        row = results.read_trial(self.root, self.sweep, trial.trial_id)
+        if row is None or row["status"] not in ("running", "error"):
+            return
+        last = trial.last_result or {}
+        epoch, value = last.get("epoch"), last.get(self.metric, float("nan"))
+        finished = datetime.now(UTC)
+        row.update(
+            status="stopped",
+            stopped_epoch=epoch,
+            error=f"stopped by the {self.scheduler} scheduler after epoch {epoch}: {self.metric}={value:.6g}",
+            finished_at=finished,
+            wall_seconds=(finished - row["started_at"]).total_seconds() if row["started_at"] else None,
         )
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"ERROR {_describe(trial.config)}  (see the trials table's error column)", flush=True)
-
-
-def _describe(point: Mapping[str, Any]) -> str:
-    return " ".join(f"{key}={value}" for key, value in point.items()) or "trial"
+        results.write_trial(self.root, row)
 
 
 def init_ray(address: str | None, verbose: bool) -> None:
@@ -370,12 +410,49 @@ def max_concurrent_trials(configs: list[ExperimentConfig]) -> int:
     return min(limit, requested) if requested else limit
 
 
-def grid_search_space(axes: Mapping[str, Any]) -> dict[str, Any]:
-    """Plain lists become ``tune.grid_search``; Tune search spaces pass through unchanged."""
-    return {
-        key: tune.grid_search(list(value)) if isinstance(value, list | tuple) else value
-        for key, value in axes.items()
+def tracked_constants(cfg: ExperimentConfig, axes: Mapping[str, Any]) -> dict[str, Any]:
+    """ordering.name, task.name, train.num_workers and seed where no axis sets them: added to each
+    trial's Tune config so that trackers record them as the run's params."""
+    values = {
+        "ordering.name": cfg.ordering.name,
+        "task.name": cfg.task.name,
+        "train.num_workers": cfg.train.num_workers,
+        "seed": cfg.seed,
     }
+    return {key: value for key, value in values.items() if key not in axes and key.split(".")[0] not in axes}
+
+
+def best_trials(
+    root: str,
+    name: str,
+    configs: Mapping[str, Mapping[str, Any]],
+    keys: list[str],
+    grid_keys: list[str],
+    metric: str,
+    mode: str,
+) -> pd.DataFrame:
+    """The best completed trial of each grid point (``SweepResult.best``) by ``metric`` at its last epoch.
+
+    Args:
+        configs: each trial's Tune config (dotted overrides) by trial id. keys: the swept keys
+            shown; grid_keys: those of them that are grid axes. metric, mode: what is best.
+    """
+    trials = results.trials(root, sweep=name, status="completed")
+    trials = trials[trials["trial_id"].isin(list(configs))]
+    if trials.empty:
+        return pd.DataFrame()
+    finals = results.epochs(root, sweep=name, trial_id=trials["trial_id"].tolist())
+    finals = finals.loc[finals.groupby("trial_id")["epoch"].idxmax(), ["trial_id", "epoch", metric]]
+    rows = []
+    for trial_id in trials["trial_id"]:
+        config = configs[trial_id]
+        point = {k: json.dumps(config[k]) if isinstance(config[k], Mapping) else config[k] for k in keys}
+        rows.append({**point, "trial_id": trial_id})
+    table = pd.DataFrame(rows).merge(finals, on="trial_id")
+    table = table.sort_values(metric, ascending=mode == "min", kind="stable")
+    best = table.groupby(grid_keys, sort=True, dropna=False).head(1) if grid_keys else table.head(1)
+    best = best.assign(epochs_done=best.pop("epoch") + 1)
+    return best.sort_values([*grid_keys, metric]).reset_index(drop=True)
 
 
 def sweep(
@@ -386,6 +463,11 @@ def sweep(
     address: str | None = None,
     verbose: bool = False,
     resume: bool = False,
+    search_alg: Any = None,
+    scheduler: Any = None,
+    num_samples: int | None = None,
+    callbacks: list[tune.Callback] | None = None,
+    quiet: bool = False,
 ) -> SweepResult:
     """Run every trial of a sweep on Ray and return its summary.
 
@@ -393,15 +475,24 @@ def sweep(
         config: a YAML path or a validated ``ExperimentConfig``.
         overrides: dotted overrides, e.g. ``{"train.epochs": 3}`` or ``["train.epochs=3"]``.
         param_space: extra sweep axes by dotted key: plain lists (grid) or ``ray.tune`` search spaces
-            (``tune.grid_search``, ``tune.loguniform``, ...; sampled ``num_samples`` times).
+            (``tune.grid_search``, ``tune.loguniform``, ...; sampled ``num_samples`` times per grid point).
         address: a Ray cluster (``ray://`` or ``HOST:PORT``); default ``RAY_ADDRESS`` or an embedded local Ray.
-        verbose: Ray's and Tune's own console output instead of one line per trial.
+        verbose: Ray's and Tune's own console output instead of orderlab's progress.
         resume: continue the sweep of the same name and storage after an interruption: finished
             trials are kept, unfinished and errored ones run again (each from its last checkpoint).
+        search_alg: a Tune ``Searcher`` (``OptunaSearch(seed=0)``; run once per grid point, see
+            ``orderlab.search.GridPointSearch``) or any other ``SearchAlgorithm``, instead of
+            ``sweep.search.algorithm``.
+        scheduler: a Tune ``TrialScheduler`` (``ASHAScheduler(time_attr="epochs_done", ...)``)
+            instead of ``sweep.scheduler``.
+        num_samples: trials per grid point, instead of ``sweep.search.num_samples``/``num_samples``.
+        callbacks: more Tune callbacks (loggers, your own), besides ``tracking``'s.
+        quiet: one line per finished trial, no live progress.
 
     Raises:
         OrderlabError: any invalid config value (before anything runs), missing data, unwritable
-            storage, a trial that cannot fit the cluster, or nothing to resume.
+            storage, a trial that cannot fit the cluster, a missing optional package (naming the
+            extra that installs it), or nothing to resume.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     if isinstance(config, ExperimentConfig) and overrides:
@@ -422,14 +513,36 @@ def sweep(
             )
         if ordering.needs_gradients and point.train.unit == "example" and fact.not_vmappable:
             raise OrderlabError(f"ordering.name={point.ordering.name!r}: {fact.not_vmappable}")
+    search = cfg.sweep.search
+    searcher = search_alg if search_alg is not None else make_searcher(search)
+    max_epochs = max(point.train.epochs for point in points)
+    trial_scheduler = scheduler if scheduler is not None else make_scheduler(cfg.sweep.scheduler, max_epochs)
     root = results_root(cfg.storage)
+    trackers = tracking_callbacks(cfg.tracking, cfg.name, root)
     results.ensure_writable(root)
     init_ray(address, verbose)
-    axes = {**cfg.sweep, **{k: v for k, v in (param_space or {}).items() if k not in plain_axes}}
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", CLEANUP_SECONDS)
+    if not verbose:  # Optuna's line per study it creates (one per grid point)
+        logging.getLogger("optuna").setLevel(logging.WARNING)
+    axes = {key: tune_space(value) for key, value in cfg.sweep.axes.items()}
+    axes.update({k: v for k, v in (param_space or {}).items() if k not in plain_axes})
     # trials run in their own working directories: they get paths resolved here
-    if "task.data_dir" in axes:
-        axes["task.data_dir"] = [str(resolve_data_dir(value)) for value in axes["task.data_dir"]]
-    space = grid_search_space(axes)
+    if "task.data_dir" in cfg.sweep.grid_axes:
+        dirs = [str(resolve_data_dir(value)) for value in cfg.sweep.grid_axes["task.data_dir"]]
+        axes["task.data_dir"] = tune.grid_search(dirs)
+    shown = list(axes)
+    if cfg.tracking or callbacks:
+        axes.update(tracked_constants(cfg, axes))
+    samples = num_samples or max(search.num_samples, cfg.num_samples)
+    concurrent = max_concurrent_trials(points)
+    algorithm, space, total = search_plan(
+        axes, searcher, samples, search.metric, search.mode, search.seed, concurrent
+    )
+    grid_axes = split_space(axes)[0]
+    grid_keys = [key for key in shown if key in grid_axes]
+    num_trials = (
+        total if isinstance(algorithm, GridPointSearch) else total * math.prod(map(len, grid_axes.values()))
+    )
     base = config_to_dict(
         cfg.with_overrides(
             {"sweep": {}, "storage": root, "task.data_dir": str(resolve_data_dir(cfg.task.data_dir))}
@@ -443,6 +556,9 @@ def sweep(
         trial = base_cfg.with_overrides(point)
         gpus = {"GPU": trial.trial_gpus} if trial.trial_gpus else {}
         return tune.PlacementGroupFactory([{"CPU": trial.trial_cpus, **gpus, **head}])
+
+    def epochs_of(point: Mapping[str, Any]) -> int:
+        return int(point.get("train.epochs", base_cfg.train.epochs))
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()), trial_resources
@@ -461,33 +577,50 @@ def sweep(
             tune_path, trainable=trainable, param_space=space, resume_errored=True, storage_filesystem=fs
         )
     else:
+        metric = search.metric if trial_scheduler is None else cfg.sweep.scheduler.metric
+        scheduler_name = cfg.sweep.scheduler.name if scheduler is None else type(scheduler).__name__
+        outcomes: list[tune.Callback] = [StoppedTrials(root, cfg.name, scheduler_name, metric)]
+        if not verbose:
+            outcomes.append(Progress(epochs_of, num_trials, shown, quiet=quiet))
+        stoppable_ray_train = trial_scheduler is not None and any(
+            p.train.backend == "ray-train" for p in points
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent_trials(points),
-                num_samples=cfg.num_samples,
+                # a Searcher's limit (Tune wraps it in a ConcurrencyLimiter); the random search's is set above
+                max_concurrent_trials=None if isinstance(algorithm, BasicVariantGenerator) else concurrent,
+                num_samples=total,
+                search_alg=algorithm,
+                scheduler=trial_scheduler,
                 # a trial's process is kept for the next trial with the same resources: no start-up
-                # and imports per trial (3 s each here, most of a simulated demo trial's 4 s)
-                reuse_actors=True,
+                # and imports per trial (3 s each here, most of a simulated demo trial's 4 s); not
+                # when a scheduler can stop Ray Train trials, whose worker groups must end with them
+                reuse_actors=not stoppable_ray_train,
             ),
             run_config=tune.RunConfig(
                 name=cfg.name,
                 storage_path=f"{fs_root}/_tune",
                 storage_filesystem=fs,
                 verbose=2 if verbose else 0,
-                callbacks=None if verbose else [TrialLines()],
+                callbacks=[*outcomes, *trackers, *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=retries),
             ),
         )
     grid = tuner.fit()
     results.compact(root, sweep=cfg.name)  # every trial has ended: one part per table
+    trials = results.trials(root, sweep=cfg.name)
+    ended = [grid[i] for i in range(len(grid))]
+    configs = {r.metrics["trial_id"]: r.config or {} for r in ended if r.metrics and "trial_id" in r.metrics}
     return SweepResult(
         name=cfg.name,
         storage=root,
         num_trials=len(grid),
         num_errors=len(grid.errors),
         summary=results.summary(root, sweep=cfg.name),
+        num_stopped=int((trials["status"] == "stopped").sum()),
+        best=best_trials(root, cfg.name, configs, shown, grid_keys, search.metric, search.mode),
     )
 
 
@@ -497,10 +630,11 @@ def run(
     *,
     address: str | None = None,
     verbose: bool = False,
+    quiet: bool = False,
 ) -> SweepResult:
-    """Run one trial: the config with its sweep axes removed (``orderlab run``)."""
+    """Run one trial: the config with its sweep axes, search and scheduler removed (``orderlab run``)."""
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
-    return sweep(cfg.with_overrides({"sweep": {}}), address=address, verbose=verbose)
+    return sweep(cfg.with_overrides({"sweep": {}}), address=address, verbose=verbose, quiet=quiet)
 
 
 class _CallableModule(ModuleType):

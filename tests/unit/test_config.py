@@ -50,7 +50,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
 def test_defaults() -> None:
     cfg = validate(BASE)
-    assert (cfg.name, cfg.seed, cfg.storage, cfg.sweep, cfg.num_samples) == (
+    assert (cfg.name, cfg.seed, cfg.storage, cfg.sweep.axes, cfg.num_samples) == (
         "experiment",
         0,
         "results",
@@ -93,7 +93,14 @@ def test_config_to_dict_is_json_and_round_trips() -> None:
 
 def test_leaf_keys() -> None:
     keys = leaf_keys()
-    for key in ("seed", "task.options", "train.lr", "train.lr_schedule.name", "ordering.name", "sweep"):
+    for key in (
+        "seed",
+        "task.options",
+        "train.lr",
+        "train.lr_schedule.name",
+        "ordering.name",
+        "sweep.search.seed",
+    ):
         assert key in keys
     assert "train" not in keys and "train.lr_schedule" not in keys
 
@@ -118,7 +125,7 @@ def test_overrides_mapping_and_strings_agree() -> None:
     cfg = check(BASE, strings)
     assert cfg == check(BASE, mapping)
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 0.05
-    assert cfg.sweep == {"seed": [0, 1], "ordering.name": ["rr", "so"]}
+    assert cfg.sweep.axes == {"seed": [0, 1], "ordering.name": ["rr", "so"]}
 
 
 def test_override_values_are_yaml_typed() -> None:
@@ -176,7 +183,7 @@ def test_override_into_a_value_or_malformed_string() -> None:
 def test_free_sub_keys_are_accepted() -> None:
     cfg = check(BASE, {"task.options.hidden.width": 16, "sweep.train.lr_schedule.name": ["cosine"]})
     assert cfg.task.options == {"hidden": {"width": 16}}
-    assert cfg.sweep == {"train.lr_schedule.name": ["cosine"]}
+    assert cfg.sweep.axes == {"train.lr_schedule.name": ["cosine"]}
 
 
 # ---------------------------------------------------------------- error messages
@@ -265,7 +272,7 @@ def test_top_level_not_a_mapping() -> None:
 def test_load_config_with_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, f"name: x\ntask:\n  name: {TASK}\ntrain:\n  epochs: 3\n  weight_decay: 5e-4\n")
     cfg = load_config(path, ["train.lr=0.05", "sweep.seed=[0,1]"])
-    assert (cfg.name, cfg.train.epochs, cfg.train.lr, cfg.sweep) == ("x", 3, 0.05, {"seed": [0, 1]})
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr, cfg.sweep.axes) == ("x", 3, 0.05, {"seed": [0, 1]})
     assert cfg.train.weight_decay == 5e-4
     assert load_config(str(path)).train.lr == 0.1
 
@@ -306,8 +313,8 @@ def test_top_level_of_file_must_be_a_mapping(tmp_path: Path, text: str, kind: st
 def test_example_configs_load_and_validate(name: str, num_points: int) -> None:
     cfg = load_config(REPO / "configs" / name)
     points = validate_grid(cfg)
-    assert len(points) == num_points and all(p.sweep == {} for p in points)
-    assert {p.ordering.name for p in points} == set(cfg.sweep["ordering.name"])
+    assert len(points) == num_points and all(p.sweep.axes == {} for p in points)
+    assert {p.ordering.name for p in points} == set(cfg.sweep.axes["ordering.name"])
 
 
 # ---------------------------------------------------------------- sweep grids

@@ -315,6 +315,10 @@ def test_summary_keeps_columns_and_counts_diverged(tmp_path: Path) -> None:
     for trial_id, ordering in [("cd-grab-9", "cd-grab"), ("so-0", "so"), ("so-1", "so")]:
         results.write_trial(root, trial_row(trial_id, ordering=ordering, seed=9, status="diverged"))
         results.write_epoch(root, {"trial_id": trial_id, "sweep": "s", "epoch": 0, "train_loss": 1e9})
+    # a trial the scheduler stopped after epoch 0: counted apart, not averaged as if it completed
+    stopped = trial_row("rr-9", ordering="rr", seed=9, status="stopped", stopped_epoch=0, error="asha")
+    results.write_trial(root, stopped)
+    results.write_epoch(root, {"trial_id": "rr-9", "sweep": "s", "epoch": 0, "train_loss": 5.0})
     df = results.summary(root, sweep="s")
     assert list(df.columns) == [
         *results.GROUP_COLUMNS,
@@ -336,13 +340,16 @@ def test_summary_keeps_columns_and_counts_diverged(tmp_path: Path) -> None:
         "time_speedup_ci_low",
         "time_speedup_ci_high",
         "num_diverged",
+        "num_stopped",
     ]
     assert df["ordering"].tolist() == ["cd-grab", "rr", "so"]
     assert df["num_diverged"].tolist() == [1, 0, 2]
+    assert df["num_stopped"].tolist() == [0, 1, 0]
     assert df["num_seeds"].tolist() == [2, 2, 0]
-    numbers = before.columns.drop(["val_metric_name", "momentum", "num_diverged"])
-    assert df.iloc[:2][numbers].equals(before[numbers])  # the diverged rows changed nothing
-    assert df.iloc[2].drop([*results.GROUP_COLUMNS, "ordering", "num_seeds", "num_diverged"]).isna().all()
+    numbers = before.columns.drop(["val_metric_name", "momentum", "num_diverged", "num_stopped"])
+    assert df.iloc[:2][numbers].equals(before[numbers])  # the diverged and stopped rows changed nothing
+    counts = ["num_seeds", "num_diverged", "num_stopped"]
+    assert df.iloc[2].drop([*results.GROUP_COLUMNS, "ordering", *counts]).isna().all()
 
     text = results.format_summary(df)
     assert "diverged" in text.splitlines()[0] and "speedup [95% CI]" in text

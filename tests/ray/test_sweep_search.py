@@ -1,0 +1,148 @@
+"""Ray integration of sweep search: an Optuna search per ordering with ASHA stopping trials early,
+MLflow and TensorBoard runs read back with their own readers, and --resume of the finished sweep."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray.tune.search.optuna import OptunaSearch
+
+import orderlab
+from orderlab import results
+from orderlab.search import GridPointSearch, tune_space
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+EPOCHS, SAMPLES = 3, 4
+OVERRIDES = {
+    "name": "search",
+    "train.backend": "simulated",
+    "train.epochs": EPOCHS,
+    "sweep": {
+        "ordering.name": ["rr", "cd-grab"],
+        "train.lr": {"loguniform": [1.0e-3, 1.0]},
+        "search": {"algorithm": "optuna", "num_samples": SAMPLES, "seed": 0},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    },
+    "tracking": ["mlflow", "tensorboard"],
+}
+
+
+@pytest.fixture(scope="module")
+def searched(ray_cluster, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("search")
+    outcome = orderlab.sweep(str(TINY), overrides={**OVERRIDES, "storage": str(storage)})
+    return outcome, str(storage)
+
+
+def test_each_ordering_gets_its_own_seeded_search_and_asha_stops_trials(searched):
+    outcome, root = searched
+    trials = results.trials(root, sweep="search")
+    assert (outcome.num_trials, outcome.num_errors, len(trials)) == (2 * SAMPLES, 0, 2 * SAMPLES)
+    assert trials.groupby("ordering").size().to_dict() == {"cd-grab": SAMPLES, "rr": SAMPLES}
+    # one Optuna study per ordering, both copies of the seed-0 searcher: the first suggestions are its
+    # seeded random start-up trials, so both orderings try the same learning rates
+    study = GridPointSearch(
+        OptunaSearch(seed=0),
+        [{}],
+        {"train.lr": tune_space({"loguniform": [1.0e-3, 1.0]})},
+        SAMPLES,
+        "train_loss",
+        "min",
+    )
+    expected = sorted(study.suggest(f"t{i}")["train.lr"] for i in range(SAMPLES))
+    for ordering in ("rr", "cd-grab"):
+        lrs = sorted(trials.loc[trials["ordering"] == ordering, "lr"])
+        assert lrs == pytest.approx(expected, rel=1e-12)
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    stopped = trials[trials["status"] == "stopped"]
+    assert len(stopped) >= 1 and outcome.num_stopped == len(stopped)
+    epochs = results.epochs(root, sweep="search")
+    last_epoch = epochs.groupby("trial_id")["epoch"].max()
+    for row in stopped.itertuples():
+        # stopped at a rung before the last epoch; its epoch rows up to there stay, none after
+        assert row.stopped_epoch < EPOCHS - 1 and last_epoch[row.trial_id] == row.stopped_epoch
+        assert sorted(epochs.loc[epochs["trial_id"] == row.trial_id, "epoch"]) == list(
+            range(row.stopped_epoch + 1)
+        )
+        assert row.error.startswith(
+            f"stopped by the asha scheduler after epoch {row.stopped_epoch}: train_loss="
+        )
+        assert row.finished_at is not None and row.wall_seconds > 0
+    for row in trials[trials["status"] == "completed"].itertuples():
+        assert last_epoch[row.trial_id] == EPOCHS - 1 and pd.isna(row.stopped_epoch)
+    # the summary averages completed trials only and counts the stopped ones
+    summary = outcome.summary
+    assert summary["num_stopped"].sum() == len(stopped)
+    assert summary["num_seeds"].sum() == SAMPLES * 2 - len(stopped)
+
+
+def test_the_best_trial_of_each_ordering_is_reported(searched):
+    outcome, root = searched
+    best = outcome.best
+    assert best["ordering.name"].tolist() == ["cd-grab", "rr"]
+    completed = results.trials(root, sweep="search", status="completed")
+    finals = results.epochs(root, sweep="search", epoch=EPOCHS - 1).set_index("trial_id")["train_loss"]
+    for row in best.to_dict("records"):
+        mine = completed.loc[completed["ordering"] == row["ordering.name"], "trial_id"]
+        assert row["trial_id"] in set(mine) and row["epochs_done"] == EPOCHS
+        assert row["train_loss"] == finals[mine].min()
+        assert row["train.lr"] == completed.set_index("trial_id").loc[row["trial_id"], "lr"]
+
+
+def test_mlflow_runs_hold_the_epochs_tables_metrics(searched):
+    from mlflow.tracking import MlflowClient
+
+    _, root = searched
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("search")
+    runs = client.search_runs([experiment.experiment_id])
+    epochs = results.epochs(root, sweep="search")
+    trials = results.trials(root, sweep="search").set_index("trial_id")
+    assert len(runs) == len(trials)
+    for run in runs:
+        trial_id = run.info.run_name.rsplit("_", 1)[1]
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        mine = epochs[epochs["trial_id"] == trial_id]
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == mine["train_loss"].tolist()
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == (mine["epoch"] + 1).tolist()
+        params = run.data.params
+        assert params["ordering.name"] == trials.loc[trial_id, "ordering"]
+        assert float(params["train.lr"]) == trials.loc[trial_id, "lr"]
+        assert (params["task.name"], params["train.num_workers"], params["seed"]) == (
+            "digits-logreg",
+            "2",
+            "0",
+        )
+
+
+def test_tensorboard_events_hold_the_epochs_tables_metrics(searched):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, root = searched
+    epochs = results.epochs(root, sweep="search")
+    files = glob.glob(f"{root}/_tune/search/run_trial_*/events.out.tfevents.*")
+    assert len(files) == 2 * SAMPLES
+    for file in files:
+        trial_id = Path(file).parent.name.split("_")[2]
+        events = EventAccumulator(file)
+        events.Reload()
+        scalars = events.Scalars("ray/tune/train_loss")
+        mine = epochs[epochs["trial_id"] == trial_id]
+        assert [e.step for e in scalars] == (mine["epoch"] + 1).tolist()
+        assert [e.value for e in scalars] == pytest.approx(mine["train_loss"].tolist(), rel=1e-6)  # float32
+
+
+def test_resume_keeps_the_stopped_and_completed_trials(searched):
+    outcome, root = searched
+    before = results.trials(root, sweep="search").drop(columns=["config_json"])
+    epochs_before = results.epochs(root, sweep="search")
+    again = orderlab.sweep(str(TINY), overrides={**OVERRIDES, "storage": root}, resume=True, quiet=True)
+    assert (again.num_trials, again.num_errors, again.num_stopped) == (2 * SAMPLES, 0, outcome.num_stopped)
+    after = results.trials(root, sweep="search").drop(columns=["config_json"])
+    assert after.equals(before)
+    assert results.epochs(root, sweep="search").equals(epochs_before)
