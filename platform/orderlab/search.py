@@ -10,11 +10,14 @@ itself. Schedulers judge trials by ``epochs_done`` (epochs trained, reported wit
 from __future__ import annotations
 
 import copy
+import json
 import os
+import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ray import cloudpickle, tune
+from ray import tune
 from ray.tune.schedulers import (
     AsyncHyperBandScheduler,
     HyperBandScheduler,
@@ -149,12 +152,23 @@ class GridPointSearch(Searcher):
             self.searchers[point].on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:  # cloudpickle: HyperOptSearch holds lambdas
-            cloudpickle.dump(self.__dict__, file)
+        """One zip file: the turn-taking state as JSON, and each grid point's searcher as its own
+        ``save`` writes it (Tune's searchers choose their format; this module never unpickles)."""
+        state = {"started": self.started, "owner": self.owner, "turn": self.turn}
+        with tempfile.TemporaryDirectory() as scratch, zipfile.ZipFile(checkpoint_path, "w") as archive:
+            archive.writestr("state.json", json.dumps(state))
+            for point, searcher in enumerate(self.searchers):
+                path = os.path.join(scratch, f"point-{point}")
+                searcher.save(path)
+                archive.write(path, f"point-{point}")
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(cloudpickle.load(file))
+        """Undo ``save`` into this search, whose grid and searchers are the saved sweep's."""
+        with tempfile.TemporaryDirectory() as scratch, zipfile.ZipFile(checkpoint_path) as archive:
+            state = json.loads(archive.read("state.json"))
+            for point, searcher in enumerate(self.searchers):
+                searcher.restore(archive.extract(f"point-{point}", scratch))
+        self.started, self.owner, self.turn = state["started"], state["owner"], state["turn"]
 
 
 def make_searcher(search: SearchConfig) -> Searcher | None:

@@ -2,12 +2,12 @@
 
 Every trial runs 3 epochs. Every epoch's orders must be the same: gradient-free orderings' at any W;
 gradient orderings' with W = 2, where the all-reduce is a two-term sum (the same in either order),
-and also with W = 4 on these configs, where gloo's sum of the workers' float32 gradients has given
-the same bits as the simulated backend's sum in rank order. So gradient orderings, whose per-unit
-gradients the simulated backend takes per worker, train bit-identical weights (equal train losses);
-gradient-free orderings take one backward over every worker's examples (the sum of the workers' mean
-losses), whose weight gradients round differently in the last bit. Losses must agree within rtol 1e-5.
-"""
+and also with W = 4 on these configs, where gloo's 4-way sum of float32 gradients may round the last
+bit differently from the simulated backend's sum in rank order (usually it does not, and the signs
+never flipped on it). So gradient orderings, whose per-unit gradients the simulated backend takes per
+worker, train bit-identical weights at W = 2 (equal train losses); gradient-free orderings take one
+backward over every worker's examples (the sum of the workers' mean losses), whose weight gradients
+round differently in the last bit. Losses must agree within rtol 1e-5."""
 
 from __future__ import annotations
 
@@ -106,10 +106,11 @@ def test_the_same_orders_every_epoch(example_units, microbatch_units):
 
 def test_the_same_losses(example_units, microbatch_units):
     """Averaging over workers, not summing, and the same optimizer steps: losses within rtol 1e-5,
-    and bit-identical train losses where the gradients are taken per worker."""
+    and bit-identical train losses where the gradients are taken per worker and W = 2 (a two-term
+    all-reduce is the same sum in any order; gloo's 4-way sum need not round as the rank-order sum)."""
     for rows in (example_units, microbatch_units):
         ray_rows, simulated = by_backend(rows)
-        per_worker = (ray_rows["ordering"] == "cd-grab").to_numpy()
+        per_worker = ((ray_rows["ordering"] == "cd-grab") & (ray_rows["num_workers"] == 2)).to_numpy()
         assert per_worker.any()
         exact = ray_rows.loc[per_worker, "train_loss"].tolist()
         assert exact == simulated.loc[per_worker, "train_loss"].tolist()

@@ -481,7 +481,7 @@ def test_paper_configs_sweep_the_orderings_and_seeds():
     papers = sorted((CONFIGS / "paper").glob("*.yaml"))
     assert len(papers) >= 5
     for path in papers:
-        sweep = load_config(path).sweep
+        sweep = load_config(path).sweep.axes
         # rr (D-RR), pair-balance (ID-GraB) and cd-grab; grab too, except in the worker-scaling study
         expected = {"rr", "pair-balance", "cd-grab"} | ({"grab"} if "train" not in sweep else set())
         assert expected <= set(sweep["ordering.name"]), path
