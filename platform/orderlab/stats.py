@@ -136,6 +136,34 @@ class Speedup:
     time_speedup_ci_high: float
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """The percentile bootstrap of ``speedup_vs_baseline`` and ``batched_speedups``.
+
+    Attributes:
+        num_resamples: bootstrap resamples.
+        seed: numpy seed of the resampling, fixed so the CI is reproducible.
+        confidence: coverage of the interval.
+    """
+
+    num_resamples: int = NUM_RESAMPLES
+    seed: int = BOOTSTRAP_SEED
+    confidence: float = 0.95
+
+    @property
+    def tails(self) -> list[float]:
+        """The interval's two quantiles, e.g. [0.025, 0.975]."""
+        return [(1 - self.confidence) / 2, (1 + self.confidence) / 2]
+
+    def rows(self, num_base: int, num_runs: int, *, same: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The seeds each resample draws, with replacement: base [num_resamples, num_base] and runs
+        [num_resamples, num_runs] int64 indices (``same``: one draw serves both sides)."""
+        rng = np.random.default_rng(self.seed)
+        base_rows = rng.integers(0, num_base, size=(self.num_resamples, num_base))
+        rows = base_rows if same else rng.integers(0, num_runs, size=(self.num_resamples, num_runs))
+        return base_rows, rows
+
+
 def _speedups(base: Runs, runs: Runs, base_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
     """Targets and speedups for seed selections ``base_rows`` [B, nb] and ``rows`` [B, n] (B resamples).
 
@@ -178,9 +206,7 @@ def speedup_vs_baseline(
     runs: Runs,
     *,
     same: bool = False,
-    num_resamples: int = NUM_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = 0.95,
+    bootstrap: Bootstrap = Bootstrap(),
 ) -> Speedup:
     """Epochs and seconds to the baseline's final mean loss, and speedups with a percentile bootstrap CI.
 
@@ -193,9 +219,7 @@ def speedup_vs_baseline(
         base: the baseline ordering's runs.
         runs: the compared ordering's runs (``base`` itself for the baseline's own row).
         same: ``runs`` is ``base``; one resample serves both sides, so the speedup is exactly 1.
-        num_resamples: bootstrap resamples.
-        seed: numpy seed of the resampling, fixed so the CI is reproducible.
-        confidence: coverage of the interval.
+        bootstrap: resamples, seed and coverage of the interval.
 
     Returns:
         The Speedup; every field NaN when ``base`` or ``runs`` has no seeds.
@@ -212,14 +236,11 @@ def speedup_vs_baseline(
         speedup = time_speedup = nan  # never reached: undefined, not 0
     intervals = [(nan, nan), (nan, nan)]
     if base.num_seeds >= 2 and runs.num_seeds >= 2:
-        rng = np.random.default_rng(seed)
-        base_rows = rng.integers(0, base.num_seeds, size=(num_resamples, base.num_seeds))
-        rows = base_rows if same else rng.integers(0, runs.num_seeds, size=(num_resamples, runs.num_seeds))
+        base_rows, rows = bootstrap.rows(base.num_seeds, runs.num_seeds, same=same)
         samples = _speedups(base, runs, base_rows, rows)[2:]
-        tails = [(1 - confidence) / 2, (1 + confidence) / 2]
         for i, (estimate, sample) in enumerate(zip((speedup, time_speedup), samples, strict=True)):
             if not np.isnan(estimate) and not np.isnan(sample).any():
-                low, high = np.quantile(sample, tails)
+                low, high = np.quantile(sample, bootstrap.tails)
                 intervals[i] = (float(low), float(high))
     return Speedup(epochs, time, speedup, *intervals[0], time_speedup, *intervals[1])
 
@@ -229,23 +250,20 @@ def resample_counts(
     num_runs: int,
     *,
     same: bool,
-    num_resamples: int = NUM_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
+    bootstrap: Bootstrap = Bootstrap(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The bootstrap draws of ``speedup_vs_baseline`` as counts: how often each seed is drawn.
 
     Args:
         num_base, num_runs: seeds of the baseline and of the compared ordering.
         same: the compared ordering is the baseline (one draw serves both sides).
-        num_resamples, seed: as in ``speedup_vs_baseline`` (the same draws).
+        bootstrap: as in ``speedup_vs_baseline`` (the same draws).
 
     Returns:
         base [num_resamples, num_base] and runs [num_resamples, num_runs] float64 counts; each row
         sums to its number of seeds.
     """
-    rng = np.random.default_rng(seed)
-    base_rows = rng.integers(0, num_base, size=(num_resamples, num_base))
-    rows = base_rows if same else rng.integers(0, num_runs, size=(num_resamples, num_runs))
+    base_rows, rows = bootstrap.rows(num_base, num_runs, same=same)
     return (
         (base_rows[..., None] == np.arange(num_base)).sum(axis=1, dtype=float),
         (rows[..., None] == np.arange(num_runs)).sum(axis=1, dtype=float),
@@ -335,9 +353,7 @@ def batched_speedups(
     runs: Runs,
     *,
     same: bool = False,
-    num_resamples: int = NUM_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = 0.95,
+    bootstrap: Bootstrap = Bootstrap(),
     max_elements: int = 2_000_000,
 ) -> dict[str, np.ndarray]:
     """``speedup_vs_baseline`` for P (baseline, ordering) pairs with equal seed counts, vectorised.
@@ -351,7 +367,7 @@ def batched_speedups(
             missing (a padded epoch is missing), num_base >= 1.
         runs: the compared orderings, [P, num_runs, E] and [P, num_runs], num_runs >= 1.
         same: each pair compares the baseline with itself (``runs`` is ``base``).
-        num_resamples, seed, confidence: as in ``speedup_vs_baseline``.
+        bootstrap: as in ``speedup_vs_baseline``.
         max_elements: resampled values per chunk of pairs (memory: about 100 bytes each).
 
     Returns:
@@ -362,15 +378,15 @@ def batched_speedups(
     ones = (_draws(np.ones((1, num_base))), _draws(np.ones((1, num_runs))))
     draws = None
     if num_base >= 2 and num_runs >= 2:
-        base_counts, counts = resample_counts(
-            num_base, num_runs, same=same, num_resamples=num_resamples, seed=seed
-        )
+        base_counts, counts = resample_counts(num_base, num_runs, same=same, bootstrap=bootstrap)
         draws = (_draws(base_counts), _draws(counts))
     width = max(base.losses.shape[-1], runs.losses.shape[-1])
     complete = _complete(base) and _complete(runs)  # no [P, B, E] arrays: bigger chunks
-    step = max(1, max_elements // (num_resamples * (max(num_base, num_runs) if complete else max(width, 1))))
+    step = max(
+        1,
+        max_elements // (bootstrap.num_resamples * (max(num_base, num_runs) if complete else max(width, 1))),
+    )
     out: dict[str, list[np.ndarray]] = {name: [] for name in Speedup.__dataclass_fields__}
-    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
     for start in range(0, num_pairs, step):
         chunk = slice(start, start + step)
         b = Runs(base.losses[chunk], base.seconds[chunk], base.finals[chunk])
@@ -383,7 +399,7 @@ def batched_speedups(
             samples = _batched_speedups(b, r, *draws, same)[2:]
             for i, (estimate, sample) in enumerate(zip((speedup, time_speedup), samples, strict=True)):
                 valid = ~np.isnan(estimate) & ~np.isnan(sample).any(axis=-1)
-                intervals[i] = np.where(valid, np.quantile(sample, tails, axis=-1), np.nan)
+                intervals[i] = np.where(valid, np.quantile(sample, bootstrap.tails, axis=-1), np.nan)
         for name, value in zip(
             out, (epochs, time, speedup, *intervals[0], time_speedup, *intervals[1]), strict=True
         ):

@@ -97,7 +97,7 @@ def test_bootstrap_ci_brackets_a_noisy_estimate_and_depends_on_the_seed() -> Non
     assert result.speedup_ci_low <= result.speedup <= result.speedup_ci_high
     assert result.time_speedup_ci_low <= result.time_speedup <= result.time_speedup_ci_high
     assert stats.speedup_vs_baseline(base, fast) == result
-    other = stats.speedup_vs_baseline(base, fast, seed=1)
+    other = stats.speedup_vs_baseline(base, fast, bootstrap=stats.Bootstrap(seed=1))
     assert (other.speedup, other.time_speedup) == (result.speedup, result.time_speedup)
     assert other != result  # the interval comes from the resamples
 
