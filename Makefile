@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP_INSTALL) -e .
 	touch $@
 
-# what the tests and lint need besides: pyproject.toml's test extra, and grab-sampler, the reference
+# what the tests and lint need besides: pyproject.toml's test, search and tracking extras (listed here,
+# not as a self-reference in `test`, which pip-compile would lock as `orderlab @ file://...`), and grab-sampler, the reference
 # implementation the parity tests compare against; its torch-sparse requirement is only for a
 # projection orderlab does not use, hence --no-deps (the extra has the packages it imports)
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) -e ".[test,search,tracking]"
 	$(BIN)/pip install -q --no-deps grab-sampler==0.1.3
 	touch $@
 
@@ -68,7 +69,7 @@ LOCK_ARGS ?= --upgrade
 lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(PYTHON) -m venv "$$tmp" && \
 	"$$tmp/bin/pip" install -q pip-tools==7.6.2 && \
-	CUSTOM_COMPILE_COMMAND="make lock" "$$tmp/bin/pip-compile" --quiet $(LOCK_ARGS) --extra test \
+	CUSTOM_COMPILE_COMMAND="make lock" "$$tmp/bin/pip-compile" --quiet $(LOCK_ARGS) --extra test --extra search --extra tracking \
 		--strip-extras --all-build-deps --allow-unsafe --no-emit-index-url --no-emit-find-links \
 		--output-file $(CONSTRAINTS) pyproject.toml
 	# torch by its plain version: the CPU wheel (2.13.0+cpu) that the torch step installs satisfies it
