@@ -383,6 +383,14 @@ class SweepConfig(BaseModel):
                     assert section is not None  # _is_section_axis: a section's model
                     reason = f"a section as an axis takes mappings of its keys, e.g. [{{{next(iter(section.model_fields))}: ...}}]"
                     raise _field_error(axis, values, reason)
+            if self.search.algorithm == "optuna" and space_kind(values) == "choice":
+                plain = (str, int, float, bool, type(None))  # what Optuna's CategoricalDistribution takes
+                if not all(isinstance(v, plain) for v in values["choice"]):
+                    reason = (
+                        "sweep.search.algorithm=optuna chooses among plain values only (numbers, strings, "
+                        "booleans, null); make this axis a grid (a list), or use algorithm random or hyperopt"
+                    )
+                    raise _field_error(axis, values, reason)
         return self
 
 

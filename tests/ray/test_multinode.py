@@ -1,5 +1,6 @@
-"""A real two-node Ray cluster on this machine (cluster/local.sh), a sweep submitted to it as a Ray Job
-with `orderlab submit`, and the proof that one trial's workers ran on both nodes.
+"""A real two-node Ray cluster on this machine (cluster/local.sh): a sweep submitted to it as a Ray Job
+with `orderlab submit`, and the proof that one trial's workers ran on both nodes; and a Ray Train
+sweep whose driver joins the cluster with `orderlab sweep --address`, with ASHA stopping a trial.
 
 The client side runs in subprocesses, so this test process never connects to the second cluster
 (the session's shared Ray of tests/conftest.py may be active at the same time). Teardown stops only
@@ -32,7 +33,8 @@ TINY = ROOT / "configs" / "tiny.yaml"
 @dataclass(frozen=True)
 class LocalCluster:
     address: str  # the Jobs API
-    env: dict[str, str]  # for clients: no RAY_ADDRESS pointing elsewhere
+    gcs_address: str  # what a driver joins (`orderlab sweep --address`)
+    env: dict[str, str]  # for clients: no RAY_ADDRESS pointing elsewhere, token authentication on
 
 
 def unused_port() -> int:
@@ -46,7 +48,7 @@ def local_cluster():
     """Head (1 CPU) + one node (1 CPU), each its own `ray start` with its own ports and temp dir."""
     # Not tmp_path: Ray's socket paths live under the state dir and must stay under 107 bytes.
     state = Path(tempfile.mkdtemp(prefix="olmn-", dir="/tmp" if Path("/tmp").is_dir() else None))
-    dashboard_port = unused_port()
+    dashboard_port, ray_port = unused_port(), unused_port()
     env = {
         key: value
         for key, value in os.environ.items()
@@ -54,15 +56,18 @@ def local_cluster():
     }
     env.update(
         ORDERLAB_CLUSTER_DIR=str(state),
-        ORDERLAB_RAY_PORT=str(unused_port()),
+        ORDERLAB_RAY_PORT=str(ray_port),
         ORDERLAB_DASHBOARD_PORT=str(dashboard_port),
         ORDERLAB_HEAD_CPUS="1",
         ORDERLAB_NODE_CPUS="1",
+        RAY_AUTH_MODE="token",  # local.sh turns it on for the nodes; a joining driver needs it too
     )
     try:
         up = subprocess.run([str(LOCAL_SH), "up", "1"], env=env, capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
-        yield LocalCluster(address=f"http://127.0.0.1:{dashboard_port}", env=env)
+        yield LocalCluster(
+            address=f"http://127.0.0.1:{dashboard_port}", gcs_address=f"127.0.0.1:{ray_port}", env=env
+        )
     finally:
         subprocess.run([str(LOCAL_SH), "down"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
@@ -132,3 +137,35 @@ def test_status_of_an_unknown_job_names_it_and_the_fix(local_cluster):
     assert result.returncode == 2
     assert "no-such-job" in result.stderr and local_cluster.address in result.stderr
     assert "ray job list" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sweep_joined_with_address_runs_ray_train_trials_that_asha_stops(local_cluster, tmp_path):
+    storage = tmp_path / "results"
+    # One trial at a time, in grid order: lr 0.5 reaches ASHA's rung (epoch 1 of 2) first and sets
+    # the cutoff; lr 1e-4 has barely moved from its initial loss there, so ASHA stops it.
+    swept = orderlab_cli(
+        local_cluster,
+        "sweep", str(TINY), "--address", local_cluster.gcs_address, "--quiet",
+        "--set", f"storage={storage}",
+        "--set", "sweep={ordering.name: [cd-grab], train.lr: [0.5, 1.0e-4]}",
+        "--set", "sweep.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+        "--set", "tracking=[tensorboard]",
+        "--set", "resources.max_concurrent_trials=1",
+        "--set", "resources.placement_strategy=STRICT_SPREAD",  # only the two-node cluster has room
+        "--set", "resources.cpus_per_worker=0.45",
+        "--set", "resources.trial_cpus=0.05",
+        timeout=600,
+    )  # fmt: skip
+    assert swept.returncode == 0, swept.stdout[-4000:] + swept.stderr[-4000:]
+    assert "sweep tiny: 2 trials, 0 errors, 1 stopped early" in swept.stdout
+
+    trials = results.trials(str(storage), sweep="tiny").sort_values("lr", ascending=False)
+    assert trials["backend"].tolist() == ["ray-train", "ray-train"]
+    assert len(set(trials["worker_node_ids"].iloc[0])) == 2  # the completed trial ran on the cluster
+    assert trials["status"].tolist() == ["completed", "stopped"]
+    assert trials["stopped_epoch"].tolist()[1] == 0
+    assert trials["error"].tolist()[1].startswith("stopped by the asha scheduler after epoch 0: train_loss=")
+    epochs = results.epochs(str(storage), sweep="tiny")
+    rows = epochs.groupby("trial_id")["epoch"].apply(sorted).to_dict()
+    assert [rows[t] for t in trials["trial_id"]] == [[0, 1], [0]]  # the stopped trial's row stays
+    assert len(list(storage.rglob("events.out.tfevents.*"))) >= 2  # one TensorBoard run per trial

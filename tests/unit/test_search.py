@@ -15,7 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from orderlab.cli import main
-from orderlab.config import SchedulerConfig, SearchConfig, validate, validate_grid
+from orderlab.config import SchedulerConfig, SearchConfig, load_config, validate, validate_grid
 from orderlab.errors import OrderlabError
 from orderlab.search import (
     TIME_ATTR,
@@ -89,6 +89,23 @@ def test_bad_search_config_exits_2_naming_the_key(tmp_path: Path, capsys, overri
     err = capsys.readouterr().err
     assert err.startswith("orderlab: error:") and needle in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_optuna_choice_over_sections_is_refused_before_any_trial(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "task: {name: digits-logreg}\n"
+        "sweep: {train: {choice: [{lr: 0.1}, {lr: 0.2}]}, search: {algorithm: optuna, num_samples: 2}}\n"
+    )
+    assert main(["sweep", str(config), "--set", f"storage={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "sweep.train=" in err and "optuna chooses among plain values only" in err and "Traceback" not in err
+    )
+    assert not (tmp_path / "out").exists()
+    # the same choice with Tune's random search, or optuna's choice among numbers, is a valid sweep
+    load_config(config, ["sweep.search.algorithm=random"])
+    load_config(config, ["sweep={train.lr: {choice: [0.1, 0.2]}, search: {algorithm: optuna}}"])
 
 
 def test_scheduler_grace_period_must_leave_epochs_to_stop(tmp_path: Path, capsys, data_dir: Path) -> None:
