@@ -38,6 +38,13 @@ QuietOpt = Annotated[
 ]
 
 
+def _print_best(best) -> None:
+    """``results.best_trials``, when some grid point ran several trials (a search)."""
+    if len(best) and (best["num_trials"] > 1).any():
+        print("\nbest completed trial of each grid point:")
+        print((best.drop(columns="sweep") if best["sweep"].nunique() == 1 else best).to_string(index=False))
+
+
 def _print_outcome(result) -> None:
     from orderlab import results
 
@@ -47,9 +54,7 @@ def _print_outcome(result) -> None:
         f"results in {result.storage}"
     )
     print(results.format_summary(result.summary))
-    if len(result.best) and result.num_trials > len(result.best):  # a search: several trials per point
-        print("\nbest completed trial of each grid point:")
-        print(result.best.to_string(index=False))
+    _print_best(result.best)
     print(
         f'\nquery: orderlab results {result.storage} --sql "SELECT ordering, epoch, avg(train_loss) '
         'FROM epochs JOIN trials USING (trial_id) GROUP BY ALL ORDER BY ALL"'
@@ -130,7 +135,8 @@ def results(
         ),
     ] = False,
 ) -> None:
-    """Print the summary per ordering (final loss, epochs to the baseline's final loss), run SQL, or --compact."""
+    """Print the summary per ordering (final loss, epochs to the baseline's final loss) and a search's
+    best trial of each grid point, run SQL, or --compact."""
     import duckdb
 
     from orderlab import results as tables
@@ -150,6 +156,7 @@ def results(
                 raise OrderlabError(f"--sql failed: {error}") from error
         else:
             print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep)))
+            _print_best(tables.best_trials(root, sweep=sweep))
 
 
 @app.command(epilog="Example: orderlab report results/tiny --sweep tiny --baseline rr --out report/")

@@ -378,6 +378,18 @@ def _summary_html(df: pd.DataFrame) -> str:
     return cells.to_html(index=False, border=0, classes="summary")
 
 
+def _best_html(best: pd.DataFrame) -> str:
+    """``results.best_trials`` as HTML, with what "best" means."""
+    table = best.to_html(
+        index=False, border=0, classes="summary", float_format=lambda v: f"{v:.6g}", na_rep="-"
+    )
+    return (
+        f'{table}\n<p class="note">The completed trial with the lowest train loss at its last epoch among '
+        "the grid point's num_trials (a search samples several per grid point: each ordering at its own "
+        "best setting). Stopped, diverged and failed trials are counted in num_trials, never best.</p>"
+    )
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table.summary { border-collapse: collapse; font-size: 0.85em; }
@@ -487,7 +499,14 @@ def report(
         else '<p class="note">Skipped: the completed trials have one value each of '
         f"{', '.join(SWEPT_AXES)}; there is no swept numeric axis to plot against.</p>"
     )
+    best = results.best_trials(root, sweep=sweep)
+    searched = (
+        [("Best trial of each grid point", _best_html(best))]
+        if len(best) and (best["num_trials"] > 1).any()
+        else []
+    )
     sections = [
+        *searched,
         ("Train loss and validation metric by epoch", _img(images["loss_vs_epoch"], "loss by epoch")),
         ("By wall-clock (cumulative epoch seconds)", _img(images["loss_vs_seconds"], "loss by seconds")),
         ("Parallel herding bound", herding),

@@ -14,6 +14,7 @@ file, which wins over the newest compacted part (``SOURCE_RANKS``).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -60,6 +61,8 @@ TRIALS_SCHEMA = pa.schema([
     ("orderlab_version", _STR), ("ray_version", _STR), ("torch_version", _STR), ("python_version", _STR),
     ("git_commit", _STR),
     ("config_json", _STR),  # the whole trial config as JSON
+    ("grid_point_json", _STR),  # JSON object: the trial's value of each of its sweep's grid axes, by dotted key
+    ("searched_json", _STR),  # JSON object: its value of each search-space axis (sampled by the search)
     ("worker_node_ids", pa.list_(_STR)),  # Ray node id of each rank, in rank order
     ("server_node_id", _STR),  # Ray node id of the trial's order server
     ("test_metrics", _STR),  # JSON object: the task's held-out test metrics after the last epoch, if it has any
@@ -413,7 +416,7 @@ class Compaction:
     damaged: list[str]
 
 
-def compact(root: str, sweep: str | None = None) -> Compaction:
+def compact(root: str, sweep: str | None = None, *, missing_ok: bool = False) -> Compaction:
     """Rewrite each sweep's rows as one Parquet part per table: ``{root}/compacted/{table}/{sweep}/part-*.parquet``.
 
     For each table and sweep with anything to merge, every row (one per key, SOURCE_RANKS) is
@@ -426,6 +429,8 @@ def compact(root: str, sweep: str | None = None) -> Compaction:
     Args:
         root: storage root, a local path or an s3://, gs://, file:// URI.
         sweep: only this sweep (default: every sweep under the root).
+        missing_ok: a ``sweep`` with no files yet (every trial failed before its first row) is
+            nothing to compact rather than an error.
 
     Returns:
         The Compaction (sweeps, files read, rows, parts, damaged files).
@@ -434,14 +439,15 @@ def compact(root: str, sweep: str | None = None) -> Compaction:
         DamagedResultsWarning: a file could not be read; it is never removed.
 
     Raises:
-        OrderlabError: the root cannot be read or written, or holds no sweep named ``sweep``.
+        OrderlabError: the root cannot be read or written, or holds no sweep named ``sweep``
+            (unless ``missing_ok``).
     """
     fs, base = _storage(root)
     try:
         found = _result_files(fs, base, sweep)
     except OSError as exc:
         raise OrderlabError(f"cannot read results under {root!r} ({exc}); check the storage root") from exc
-    if sweep is not None and not any(found.values()):
+    if sweep is not None and not any(found.values()) and not missing_ok:
         raise OrderlabError(f"no sweep {sweep!r} under results root {root!r}; compact without --sweep")
     generation = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # file names sort by time
     sweeps: set[str] = set()
@@ -688,6 +694,62 @@ def counted_trials_sql() -> str:
     """SQL of the trials whose epoch rows count in summaries and reports (the one status filter):
     completed trials, of sweep ``$sweep`` when that parameter is not NULL."""
     return "SELECT * FROM trials WHERE status = 'completed' AND ($sweep::VARCHAR IS NULL OR sweep = $sweep)"
+
+
+def best_trials(
+    root: str, sweep: str | None = None, metric: str = "train_loss", mode: str = "min"
+) -> pd.DataFrame:
+    """The best completed trial of each grid point of each sweep, by ``metric`` at its last epoch.
+
+    A sweep with search spaces runs several trials per grid point (``sweep.search.num_samples``):
+    this answers "each ordering at its own best lr". Trials written before ``grid_point_json``
+    existed are left out.
+
+    Args:
+        root: storage root, a local path or an s3://, gs://, file:// URI.
+        sweep: only this sweep (default: all sweeps).
+        metric: ``train_loss``, ``val_loss`` or ``val_metric``; mode: ``min`` or ``max``.
+
+    Returns:
+        One row per (sweep, grid point): sweep, one column per grid axis then per searched axis
+        (dotted keys; a section's value as JSON), trial_id, ``metric``, epochs_done, num_trials
+        (the grid point's trials in any status: more than one in a search); sorted by
+        sweep, then the grid point's JSON. Empty when no completed trial has a grid point.
+
+    Raises:
+        OrderlabError: ``metric`` or ``mode`` is not one of the above.
+    """
+    if metric not in ("train_loss", "val_loss", "val_metric") or mode not in ("min", "max"):
+        raise OrderlabError(
+            f"best_trials: metric={metric!r}, mode={mode!r}; use metric train_loss, val_loss or "
+            "val_metric and mode min or max"
+        )
+    order = "ASC" if mode == "min" else "DESC"
+    sql = f"""
+        WITH finals AS (
+            SELECT t.sweep, t.trial_id, t.grid_point_json, t.searched_json, e.{metric}, e.epoch + 1 AS epochs_done
+            FROM ({counted_trials_sql()}) t JOIN epochs e ON e.trial_id = t.trial_id AND e.sweep = t.sweep
+            WHERE t.grid_point_json IS NOT NULL
+            QUALIFY e.epoch = max(e.epoch) OVER (PARTITION BY t.sweep, t.trial_id))
+        , points AS (
+            SELECT sweep, grid_point_json, count(*) AS num_trials FROM trials
+            WHERE grid_point_json IS NOT NULL AND ($sweep::VARCHAR IS NULL OR sweep = $sweep) GROUP BY ALL)
+        SELECT * FROM finals JOIN points USING (sweep, grid_point_json)
+        QUALIFY row_number() OVER (
+            PARTITION BY sweep, grid_point_json ORDER BY {metric} {order} NULLS LAST, trial_id) = 1
+        ORDER BY sweep, grid_point_json"""
+    with connect(root) as con:
+        finals = con.execute(sql, {"sweep": sweep}).df()
+
+    def columns(text: str) -> dict[str, Any]:
+        return {key: json.dumps(v) if isinstance(v, dict) else v for key, v in json.loads(text).items()}
+
+    rows = [
+        {"sweep": r.sweep, **columns(r.grid_point_json), **columns(r.searched_json), "trial_id": r.trial_id,
+         metric: getattr(r, metric), "epochs_done": int(r.epochs_done), "num_trials": int(r.num_trials)}
+        for r in finals.itertuples()
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def _completed_epochs_sql() -> str:

@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import ray
@@ -82,9 +83,8 @@ class SweepResult:
         num_trials / num_errors / num_stopped: trials run, trials that ended in error, trials the
             scheduler stopped early.
         summary: ``orderlab.results.summary`` of the sweep (one row per ordering and setting).
-        best: the best completed trial of each grid point by the search's metric at its last epoch:
-            the grid axes, trial_id, the searched axes, epochs_done and the metric (empty when no
-            trial completed).
+        best: ``orderlab.results.best_trials`` of the sweep by the search's metric: the best
+            completed trial of each grid point (empty when no trial completed).
     """
 
     name: str
@@ -168,6 +168,13 @@ def provenance() -> dict[str, str | None]:
     }
 
 
+def _numpy_scalar(value: Any) -> Any:
+    """A numpy scalar (Tune's samplers return them) as the Python number ``json.dumps`` takes."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def trial_row(cfg: ExperimentConfig, trial_id: str, shard_size: int, num_dropped: int) -> dict[str, Any]:
     """The trials-table row of a trial that is about to start."""
     train = cfg.train
@@ -197,7 +204,13 @@ def trial_row(cfg: ExperimentConfig, trial_id: str, shard_size: int, num_dropped
 
 
 def run_trial(
-    point: dict[str, Any], *, base: dict[str, Any], facts: dict[str, TaskFacts], info: dict[str, Any]
+    point: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    facts: dict[str, TaskFacts],
+    info: dict[str, Any],
+    grid_keys: Sequence[str] = (),
+    searched_keys: Sequence[str] = (),
 ) -> None:
     """The Tune function trainable: one trial = one order server + one ``TorchTrainer.fit()``
     (``train.backend: ray-train``), or all workers in this process (``simulated``).
@@ -205,11 +218,15 @@ def run_trial(
     Args:
         point: this trial's dotted overrides (from the param space).
         base: the sweep's config as a dict. facts: ``TaskFacts`` by task key. info: provenance.
+        grid_keys, searched_keys: the sweep's grid axes and search-space axes (dotted keys of
+            ``point``), recorded as the trial's ``grid_point_json`` and ``searched_json``.
     """
     cfg = validate(base).with_overrides(point)
     trial_id = tune.get_context().get_trial_id()
     ordering = ordering_class(cfg.ordering.name)
-    task_facts = facts[task_key(cfg)]
+    key = task_key(cfg)
+    # a sampled seed or size between the ends the sweep was validated with has no facts yet
+    task_facts = facts[key] if key in facts else inspect_tasks([cfg])[key]
     plan = plan_trial(
         cfg.train, task_facts.num_examples, task_facts.dim, ordering.needs_gradients, ordering.message_kind
     )
@@ -224,6 +241,10 @@ def run_trial(
             tune.report({**metrics, "epochs_done": int(last[0]["epoch"]) + 1})
         return
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
+    row.update(
+        grid_point_json=json.dumps({key: point[key] for key in grid_keys}, default=_numpy_scalar),
+        searched_json=json.dumps({key: point[key] for key in searched_keys}, default=_numpy_scalar),
+    )
     results.write_trial(root, row)
     started = time.perf_counter()
     error: BaseException | None = None
@@ -422,39 +443,6 @@ def tracked_constants(cfg: ExperimentConfig, axes: Mapping[str, Any]) -> dict[st
     return {key: value for key, value in values.items() if key not in axes and key.split(".")[0] not in axes}
 
 
-def best_trials(
-    root: str,
-    name: str,
-    configs: Mapping[str, Mapping[str, Any]],
-    keys: list[str],
-    grid_keys: list[str],
-    metric: str,
-    mode: str,
-) -> pd.DataFrame:
-    """The best completed trial of each grid point (``SweepResult.best``) by ``metric`` at its last epoch.
-
-    Args:
-        configs: each trial's Tune config (dotted overrides) by trial id. keys: the swept keys
-            shown; grid_keys: those of them that are grid axes. metric, mode: what is best.
-    """
-    trials = results.trials(root, sweep=name, status="completed")
-    trials = trials[trials["trial_id"].isin(list(configs))]
-    if trials.empty:
-        return pd.DataFrame()
-    finals = results.epochs(root, sweep=name, trial_id=trials["trial_id"].tolist())
-    finals = finals.loc[finals.groupby("trial_id")["epoch"].idxmax(), ["trial_id", "epoch", metric]]
-    rows = []
-    for trial_id in trials["trial_id"]:
-        config = configs[trial_id]
-        point = {k: json.dumps(config[k]) if isinstance(config[k], Mapping) else config[k] for k in keys}
-        rows.append({**point, "trial_id": trial_id})
-    table = pd.DataFrame(rows).merge(finals, on="trial_id")
-    table = table.sort_values(metric, ascending=mode == "min", kind="stable")
-    best = table.groupby(grid_keys, sort=True, dropna=False).head(1) if grid_keys else table.head(1)
-    best = best.assign(epochs_done=best.pop("epoch") + 1)
-    return best.sort_values([*grid_keys, metric]).reset_index(drop=True)
-
-
 def sweep(
     config: str | Path | ExperimentConfig,
     overrides: Mapping[str, Any] | list[str] | None = None,
@@ -538,8 +526,9 @@ def sweep(
     algorithm, space, total = search_plan(
         axes, searcher, samples, search.metric, search.mode, search.seed, concurrent
     )
-    grid_axes = split_space(axes)[0]
+    grid_axes, sampled_axes, _ = split_space(axes)
     grid_keys = [key for key in shown if key in grid_axes]
+    searched_keys = [key for key in shown if key in sampled_axes]
     num_trials = (
         total if isinstance(algorithm, GridPointSearch) else total * math.prod(map(len, grid_axes.values()))
     )
@@ -561,7 +550,15 @@ def sweep(
         return int(point.get("train.epochs", base_cfg.train.epochs))
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, facts=facts, info=provenance()), trial_resources
+        tune.with_parameters(
+            run_trial,
+            base=base,
+            facts=facts,
+            info=provenance(),
+            grid_keys=grid_keys,
+            searched_keys=searched_keys,
+        ),
+        trial_resources,
     )
     # a simulated trial is its own worker group: Tune retries it from its last checkpoint
     retries = max((p.train.max_failures for p in points if p.train.backend == "simulated"), default=0)
@@ -609,10 +606,8 @@ def sweep(
             ),
         )
     grid = tuner.fit()
-    results.compact(root, sweep=cfg.name)  # every trial has ended: one part per table
+    results.compact(root, sweep=cfg.name, missing_ok=True)  # every trial has ended: one part per table
     trials = results.trials(root, sweep=cfg.name)
-    ended = [grid[i] for i in range(len(grid))]
-    configs = {r.metrics["trial_id"]: r.config or {} for r in ended if r.metrics and "trial_id" in r.metrics}
     return SweepResult(
         name=cfg.name,
         storage=root,
@@ -620,7 +615,7 @@ def sweep(
         num_errors=len(grid.errors),
         summary=results.summary(root, sweep=cfg.name),
         num_stopped=int((trials["status"] == "stopped").sum()),
-        best=best_trials(root, cfg.name, configs, shown, grid_keys, search.metric, search.mode),
+        best=results.best_trials(root, cfg.name, search.metric, search.mode),
     )
 
 

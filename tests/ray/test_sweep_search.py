@@ -4,6 +4,7 @@ MLflow and TensorBoard runs read back with their own readers, and --resume of th
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -85,6 +86,8 @@ def test_the_best_trial_of_each_ordering_is_reported(searched):
     outcome, root = searched
     best = outcome.best
     assert best["ordering.name"].tolist() == ["cd-grab", "rr"]
+    assert best["num_trials"].tolist() == [SAMPLES, SAMPLES]
+    assert best.equals(results.best_trials(root, sweep="search"))  # what the report shows too
     completed = results.trials(root, sweep="search", status="completed")
     finals = results.epochs(root, sweep="search", epoch=EPOCHS - 1).set_index("trial_id")["train_loss"]
     for row in best.to_dict("records"):
@@ -146,3 +149,22 @@ def test_resume_keeps_the_stopped_and_completed_trials(searched):
     after = results.trials(root, sweep="search").drop(columns=["config_json"])
     assert after.equals(before)
     assert results.epochs(root, sweep="search").equals(epochs_before)
+
+
+def test_a_sampled_seed_between_the_validated_ends_runs_and_is_recorded(ray_cluster, tmp_path):
+    """Sampled values between the ends the sweep was validated with (here seeds, which size each
+    task's shards) get their task facts in the trial; each trial records its grid point and draws."""
+    overrides = {
+        "name": "seeds",
+        "storage": str(tmp_path),
+        "train.backend": "simulated",
+        "train.epochs": 1,
+        "sweep": {"ordering.name": ["rr"], "seed": {"randint": [0, 1000]}, "search": {"num_samples": 2}},
+    }
+    outcome = orderlab.sweep(str(TINY), overrides=overrides, quiet=True)
+    trials = results.trials(str(tmp_path), sweep="seeds")
+    assert (outcome.num_errors, trials["status"].tolist()) == (0, ["completed", "completed"])
+    assert set(trials["grid_point_json"]) == {'{"ordering.name": "rr"}'}
+    assert [json.loads(text) for text in trials["searched_json"]] == [{"seed": s} for s in trials["seed"]]
+    assert not set(trials["seed"]) & {0, 999}  # search seed 0 draws seeds between the validated ends
+    assert outcome.best["num_trials"].tolist() == [2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -33,8 +34,9 @@ FIGURES = ("loss_vs_epoch", "loss_vs_seconds", "herding", "final_vs_batch_size",
 WORKER_ORDERINGS = ("rr", "so", "grab", "pair-balance", "cd-grab")
 
 
-def write_results(root: str, *, herding: bool = True) -> None:
-    """Two batch sizes (facets) x rr, grab, cd-grab x 2 seeds x 5 epochs, plus one diverged trial."""
+def write_results(root: str, *, herding: bool = True, searched: bool = False) -> None:
+    """Two batch sizes (facets) x rr, grab, cd-grab x 2 seeds x 5 epochs, plus one diverged trial;
+    ``searched``: as a search sweep would record them (grid axes ordering and batch size, seed sampled)."""
     rng = np.random.default_rng(0)
     speed = {"rr": 0.3, "grab": 0.45, "cd-grab": 0.5}
     for batch_size in (16, 32):
@@ -55,6 +57,16 @@ def write_results(root: str, *, herding: bool = True) -> None:
                         "seed": seed,
                         "epochs": 5,
                         "status": "completed",
+                        **(
+                            {
+                                "grid_point_json": json.dumps(
+                                    {"ordering.name": ordering, "train.batch_size": batch_size}
+                                ),
+                                "searched_json": json.dumps({"seed": seed}),
+                            }
+                            if searched
+                            else {}
+                        ),
                     },
                 )
                 for epoch in range(5):
@@ -185,6 +197,23 @@ def test_report_writes_pngs_and_self_contained_html(made: tuple[Path, Path]) -> 
     # The summary table: one row per facet and ordering, the varying group column first.
     assert text.count("<tr>") == 1 + 2 * 3
     assert "<th>batch_size</th>" in text and "speedup [95% CI]" in text
+
+
+def test_a_search_sweeps_report_lists_each_grid_points_best_trial(
+    made: tuple[Path, Path], tmp_path: Path
+) -> None:
+    assert "Best trial of each grid point" not in made[1].read_text()  # a grid: one trial per point
+    write_results(str(tmp_path), searched=True)
+    text = report(tmp_path, out=tmp_path / "out").read_text()
+    section = text[text.index("<h2>Best trial of each grid point</h2>") :]
+    section = section[: section.index("</table>")]
+    finals = results.epochs(str(tmp_path), epoch=4).set_index("trial_id")["train_loss"]
+    for ordering in ("rr", "grab", "cd-grab"):
+        for batch_size in (16, 32):
+            seeds = [finals[f"{ordering}-b{batch_size}-s{seed}"] for seed in (0, 1)]
+            best = f"{ordering}-b{batch_size}-s{int(np.argmin(seeds))}"
+            assert f"<td>{best}</td>" in section and f"<td>{min(seeds):.6g}</td>" in section
+    assert section.count("<tr>") == 6  # one body row per grid point
 
 
 def test_report_default_out_and_sweep(made: tuple[Path, Path], tmp_path: Path) -> None:

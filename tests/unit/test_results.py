@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -531,3 +532,84 @@ def test_batched_summary_equals_the_per_ordering_bootstrap(tmp_path: Path) -> No
         )
         checked += not math.isnan(expected.speedup_ci_low)
     assert len(df) == 9 and checked >= 3  # several rows with a bootstrap interval
+
+
+def test_best_trials_picks_each_grid_points_best_completed_trial_at_its_last_epoch(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    # A search: lr sampled per ordering (the grid axis); finals by hand below.
+    searched = {
+        ("rr", "a"): (0.01, "completed", [2.0, 1.5]),  # final 1.5
+        ("rr", "b"): (0.1, "completed", [2.0, 0.5, 0.25]),  # final 0.25: rr's best
+        ("rr", "c"): (0.9, "diverged", [0.0]),  # lower, but not completed
+        ("cd-grab", "a"): (
+            0.01,
+            "completed",
+            [2.0, 0.75],
+        ),  # final 0.75: cd-grab's best (ties a lower trial_id)
+        ("cd-grab", "b"): (0.1, "completed", [0.1, 0.75]),  # final 0.75, not its lowest epoch
+        ("cd-grab", "c"): (0.5, "stopped", [0.5]),  # stopped by a scheduler: not completed
+    }
+    for (ordering, name), (lr, status, losses) in searched.items():
+        trial_id = f"{ordering}-{name}"
+        results.write_trial(
+            root,
+            trial_row(
+                trial_id, ordering=ordering, lr=lr, status=status,
+                grid_point_json=json.dumps({"ordering.name": ordering}),
+                searched_json=json.dumps({"train.lr": lr, "train": {"momentum": 0.9}}),
+            ),
+        )  # fmt: skip
+        for epoch, loss in enumerate(losses):
+            results.write_epoch(
+                root, {"trial_id": trial_id, "sweep": "s", "epoch": epoch, "train_loss": loss}
+            )
+    write_fixture(str(tmp_path / "older"))  # rows written before grid_point_json existed are left out
+    assert results.best_trials(str(tmp_path / "older")).empty
+
+    best = results.best_trials(root, sweep="s")
+    assert best.columns.tolist() == [
+        "sweep", "ordering.name", "train.lr", "train", "trial_id", "train_loss", "epochs_done", "num_trials",
+    ]  # fmt: skip
+    assert best.drop(columns=["sweep", "train"]).values.tolist() == [
+        ["cd-grab", 0.01, "cd-grab-a", 0.75, 2, 3],
+        ["rr", 0.1, "rr-b", 0.25, 3, 3],
+    ]
+    assert json.loads(best["train"][0]) == {"momentum": 0.9}  # a section's value, as JSON
+    assert results.best_trials(root, sweep="s", mode="max")["trial_id"].tolist() == ["cd-grab-a", "rr-a"]
+    assert results.best_trials(root, sweep="other").empty
+    with pytest.raises(OrderlabError, match="metric='loss'.*use metric train_loss, val_loss or val_metric"):
+        results.best_trials(root, metric="loss")
+
+
+def test_cli_results_prints_a_searchs_best_trials_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    search, grid = str(tmp_path / "search"), str(tmp_path / "grid")
+    for trial_id, lr, loss in (("a", 0.01, 0.5), ("b", 0.1, 0.25)):
+        row = trial_row(trial_id, ordering="rr", lr=lr, grid_point_json='{"ordering.name": "rr"}')
+        results.write_trial(search, {**row, "searched_json": json.dumps({"train.lr": lr})})
+        results.write_epoch(search, {"trial_id": trial_id, "sweep": "s", "epoch": 0, "train_loss": loss})
+    write_fixture(grid)
+    assert cli.main(["results", search]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    best = lines.index("best completed trial of each grid point:")
+    assert lines[best + 1].split() == [
+        "ordering.name",
+        "train.lr",
+        "trial_id",
+        "train_loss",
+        "epochs_done",
+        "num_trials",
+    ]
+    assert lines[best + 2].split() == ["rr", "0.1", "b", "0.25", "1", "2"]
+    assert cli.main(["results", grid]) == 0
+    assert "best completed trial" not in capsys.readouterr().out
+
+
+def test_compact_of_a_sweep_with_no_files_is_an_error_unless_missing_ok(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+    with pytest.raises(OrderlabError, match="no sweep 'u' under results root"):
+        results.compact(root, sweep="u")
+    assert results.compact(root, sweep="u", missing_ok=True).sweeps == []
+    assert (tmp_path / "epochs/s/rr-0").is_dir()  # other sweeps untouched
