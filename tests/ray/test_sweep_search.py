@@ -1,5 +1,6 @@
 """Ray integration of sweep search: an Optuna search per ordering with ASHA stopping trials early,
-MLflow and TensorBoard runs read back with their own readers, and --resume of the finished sweep."""
+MLflow and TensorBoard runs read back with their own readers, --resume of the finished sweep, a
+sampled seed, and the median-stopping rule."""
 
 from __future__ import annotations
 
@@ -168,3 +169,29 @@ def test_a_sampled_seed_between_the_validated_ends_runs_and_is_recorded(ray_clus
     assert [json.loads(text) for text in trials["searched_json"]] == [{"seed": s} for s in trials["seed"]]
     assert not set(trials["seed"]) & {0, 999}  # search seed 0 draws seeds between the validated ends
     assert outcome.best["num_trials"].tolist() == [2]
+
+
+def test_median_stopping_stops_the_trial_below_the_median_of_the_others(ray_cluster, tmp_path):
+    """One trial at a time in grid order: after three finished trials, lr 1e-4's loss at epoch 1 is
+    far above their running averages there, so Tune's MedianStoppingRule stops it."""
+    overrides = {
+        "name": "median",
+        "storage": str(tmp_path),
+        "train.backend": "simulated",
+        "train.epochs": 3,
+        "resources.max_concurrent_trials": 1,
+        "sweep": {
+            "ordering.name": ["rr"],
+            "train.lr": [0.5, 0.3, 0.2, 1.0e-4],
+            "scheduler": {"name": "median-stopping", "grace_period": 1, "min_samples_required": 3},
+        },
+    }
+    outcome = orderlab.sweep(str(TINY), overrides=overrides, quiet=True)
+    trials = results.trials(str(tmp_path), sweep="median").sort_values("lr", ascending=False)
+    assert (outcome.num_errors, outcome.num_stopped) == (0, 1)
+    assert trials["status"].tolist() == ["completed", "completed", "completed", "stopped"]
+    stopped = trials.iloc[-1]
+    assert stopped["stopped_epoch"] == 0
+    assert stopped["error"].startswith("stopped by the median-stopping scheduler after epoch 0: train_loss=")
+    epochs = results.epochs(str(tmp_path), sweep="median").groupby("trial_id")["epoch"].max()
+    assert epochs[trials["trial_id"]].tolist() == [2, 2, 2, 0]
