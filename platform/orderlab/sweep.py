@@ -125,7 +125,8 @@ def storage_location(storage: str) -> tuple[pafs.FileSystem | None, str]:
 
 
 def inspect_tasks(points: list[ExperimentConfig]) -> dict[str, TaskFacts]:
-    """Load each task's data and model once to size every trial's shards and gradients.
+    """Load each task's data and model once to size every trial's shards and gradients (the sizes
+    do not depend on the seed: trials of every seed share one load).
 
     Raises:
         OrderlabError: unknown task or option, missing or corrupt data files.
@@ -134,15 +135,14 @@ def inspect_tasks(points: list[ExperimentConfig]) -> dict[str, TaskFacts]:
     facts: dict[str, TaskFacts] = {}
     for point in points:
         source = json.dumps(
-            [point.task.name, point.task.options, point.task.data_dir, point.task.train_examples, point.seed],
-            default=str,
+            [point.task.name, point.task.options, point.task.data_dir, point.task.train_examples], default=str
         )
         if source not in loaded:
             task = make_task(point.task.name, point.task.options)
             loaded[source] = (
                 task,
                 load_task_data(task, point.task.data_dir, point.task.train_examples),
-                build_model(task, point.seed),
+                build_model(task, seed=0),  # for its size and vmap-ability, the same at every seed
             )
         task, data, model = loaded[source]
         key = task_key(point)
@@ -225,7 +225,7 @@ def run_trial(
     trial_id = tune.get_context().get_trial_id()
     ordering = ordering_class(cfg.ordering.name)
     key = task_key(cfg)
-    # a sampled seed or size between the ends the sweep was validated with has no facts yet
+    # a sampled size between the ends the sweep was validated with (randint batch_size) has no facts yet
     task_facts = facts[key] if key in facts else inspect_tasks([cfg])[key]
     plan = plan_trial(
         cfg.train, task_facts.num_examples, task_facts.dim, ordering.needs_gradients, ordering.message_kind
@@ -336,7 +336,8 @@ def simulated_trial(cfg: ExperimentConfig, plan: TrialPlan, trial_id: str, root:
 
 
 def task_key(cfg: ExperimentConfig) -> str:
-    """Trials with equal keys share a task's data, its layout over workers, and the model size."""
+    """Trials with equal keys share a task's data, its layout over workers, and the model size (the
+    seed changes none of them: ``task.train_examples`` is a subset fixed by seed 0)."""
     task, train = cfg.task, cfg.train
     return json.dumps(
         [
@@ -344,7 +345,6 @@ def task_key(cfg: ExperimentConfig) -> str:
             task.options,
             str(resolve_data_dir(task.data_dir)),  # trials get it resolved (see sweep)
             task.train_examples,
-            cfg.seed,
             train.num_workers,
             train.batch_size,
         ],

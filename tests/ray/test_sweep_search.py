@@ -152,22 +152,33 @@ def test_resume_keeps_the_stopped_and_completed_trials(searched):
     assert results.epochs(root, sweep="search").equals(epochs_before)
 
 
-def test_a_sampled_seed_between_the_validated_ends_runs_and_is_recorded(ray_cluster, tmp_path):
-    """Sampled values between the ends the sweep was validated with (here seeds, which size each
-    task's shards) get their task facts in the trial; each trial records its grid point and draws."""
+def test_sampled_seeds_and_sizes_between_the_validated_ends_run_and_are_recorded(ray_cluster, tmp_path):
+    """Sampled values between the ends the sweep was validated with: seeds (which size nothing) and
+    batch sizes (which size each task's layout: the trial gets their task facts itself); each trial
+    records its grid point and draws."""
     overrides = {
         "name": "seeds",
         "storage": str(tmp_path),
         "train.backend": "simulated",
         "train.epochs": 1,
-        "sweep": {"ordering.name": ["rr"], "seed": {"randint": [0, 1000]}, "search": {"num_samples": 2}},
+        "train.num_workers": 1,
+        "sweep": {
+            "ordering.name": ["rr"],
+            "seed": {"randint": [0, 1000]},
+            "train.batch_size": {"randint": [8, 33]},
+            "search": {"num_samples": 2},
+        },
     }
     outcome = orderlab.sweep(str(TINY), overrides=overrides, quiet=True)
     trials = results.trials(str(tmp_path), sweep="seeds")
     assert (outcome.num_errors, trials["status"].tolist()) == (0, ["completed", "completed"])
     assert set(trials["grid_point_json"]) == {'{"ordering.name": "rr"}'}
-    assert [json.loads(text) for text in trials["searched_json"]] == [{"seed": s} for s in trials["seed"]]
+    assert [json.loads(text) for text in trials["searched_json"]] == [
+        {"seed": seed, "train.batch_size": batch_size}
+        for seed, batch_size in zip(trials["seed"], trials["batch_size"], strict=True)
+    ]
     assert not set(trials["seed"]) & {0, 999}  # search seed 0 draws seeds between the validated ends
+    assert not set(trials["batch_size"]) & {8, 32}  # and batch sizes
     assert outcome.best["num_trials"].tolist() == [2]
 
 
