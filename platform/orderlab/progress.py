@@ -26,6 +26,13 @@ def describe(point: Mapping[str, Any], keys: list[str] | None = None) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown) or "trial"
 
 
+def ended_before_last_epoch(trial: Trial, epochs: int) -> bool:
+    """Whether Tune's last result of ``trial`` is from an epoch before its last (of ``epochs``): a
+    scheduler stopped it, or it diverged, when Tune reports it complete. False without a result."""
+    done = (trial.last_result or {}).get("epochs_done")
+    return done is not None and done < epochs
+
+
 class Progress(tune.Callback):
     """Prints a sweep's progress (see the module docstring).
 
@@ -66,8 +73,7 @@ class Progress(tune.Callback):
 
     def outcome(self, trial: Trial) -> str:
         """``stopped`` when the trial ended before its last epoch (a scheduler stopped it), else ``done``."""
-        done = (trial.last_result or {}).get("epochs_done", 0)
-        return "stopped" if done < self.epochs_of(trial.config) else "done"
+        return "stopped" if ended_before_last_epoch(trial, self.epochs_of(trial.config)) else "done"
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.started.setdefault(trial.trial_id, time.monotonic())

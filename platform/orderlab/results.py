@@ -56,7 +56,7 @@ TRIALS_SCHEMA = pa.schema([
     ("num_dropped", _I64),  # examples dropped from the tail to make equal shards
     ("status", _STR), ("error", _STR),  # status: one of STATUSES; error: the reason for error/diverged/stopped
     ("diverged_epoch", _I32),  # the epoch in which a non-finite loss or gradient appeared
-    ("stopped_epoch", _I32),  # the last epoch of a trial the sweep's scheduler stopped early
+    ("stopped_epoch", _I32),  # the epoch whose report the sweep's scheduler stopped the trial on
     ("started_at", _UTC_US), ("finished_at", _UTC_US), ("wall_seconds", _F64),
     ("orderlab_version", _STR), ("ray_version", _STR), ("torch_version", _STR), ("python_version", _STR),
     ("git_commit", _STR),

@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -38,7 +38,7 @@ from orderlab.errors import OrderlabError
 from orderlab.grads import num_parameters, vmap_problem
 from orderlab.loop import TrialPlan, build_model, load_checkpoint, ordering_spec, plan_trial, save_checkpoint
 from orderlab.orderings import ordering_class
-from orderlab.progress import Progress
+from orderlab.progress import Progress, ended_before_last_epoch
 from orderlab.search import (
     GridPointSearch,
     make_scheduler,
@@ -254,15 +254,17 @@ def run_trial(
         else:
             row.update(ray_train_trial(cfg, plan, trial_id, root, row))
     except Exception as failure:  # recorded in the trials table, then re-raised for Tune
-        current = results.read_trial(root, cfg.name, trial_id)
-        if current is not None and current["status"] == "stopped":
-            return  # a scheduler stopped it and ending its Ray Train run raised here: keep 'stopped'
         error = failure
         row.update(status="error", error=f"{type(failure).__name__}: {failure}"[:4000])
-    row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
-    results.write_trial(root, row)
+    current = results.read_trial(root, cfg.name, trial_id)
+    # a scheduler's stop (StoppedTrials) is the record, whether ending this Ray Train run raised here
+    # or its workers finished anyway
+    stopped = current is not None and current["status"] == "stopped"
+    if not stopped:
+        row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
+        results.write_trial(root, row)
     results.consolidate_trial(root, cfg.name, trial_id)  # no rank writes its rows any more
-    if error is not None:
+    if error is not None and not stopped:
         raise error
 
 
@@ -353,33 +355,61 @@ def task_key(cfg: ExperimentConfig) -> str:
 
 
 class StoppedTrials(tune.Callback):
-    """Records the trials a scheduler stopped: status ``stopped``, the last epoch reported, and why.
+    """Records the trials a scheduler stopped: status ``stopped``, the epoch whose report it stopped
+    the trial on (``stopped_epoch``), and why.
 
     Tune calls ``on_trial_complete`` as it decides to stop a trial, before it ends the trial's
-    process: a simulated trial waits in its epoch report and a Ray Train trial's ``fit()`` fails when
-    its worker group goes, so the row still says ``running`` (or ``error``, written by the failing
-    ``fit()``); a trial that ended on its own has written its final status. ``run_trial`` leaves a
-    ``stopped`` row as it is.
+    process, and the decision is the record whatever that process does next: a simulated trial waits
+    in its epoch report, but a Ray Train trial's workers go on training while Tune decides (Ray Train
+    queues their reports), so its ``fit()`` may fail as its worker group goes (the row says ``error``)
+    or even finish its last epoch (``completed``). ``run_trial`` leaves a ``stopped`` row as it is,
+    and at the sweep's end every stop is written again in case a trial's last write crossed it. A
+    trial that ended on its own has written its final status (``diverged`` rows stay).
+
+    Args:
+        root, sweep: the results root and the sweep's name.
+        scheduler, metric: named in the reason (``stopped by the asha scheduler after epoch 0: ...``).
+        epochs_of: a trial's total epochs from its config (the Tune trial's dotted overrides).
     """
 
-    def __init__(self, root: str, sweep: str, scheduler: str, metric: str) -> None:
+    def __init__(
+        self,
+        root: str,
+        sweep: str,
+        scheduler: str,
+        metric: str,
+        epochs_of: Callable[[Mapping[str, Any]], int],
+    ) -> None:
         self.root, self.sweep, self.scheduler, self.metric = root, sweep, scheduler, metric
+        self.epochs_of = epochs_of
+        self.stops: dict[str, dict[str, Any]] = {}  # trial id -> the row's stop columns
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = results.read_trial(self.root, self.sweep, trial.trial_id)
-        if row is None or row["status"] not in ("running", "error"):
+        if not ended_before_last_epoch(trial, self.epochs_of(trial.config)):
             return
         last = trial.last_result or {}
         epoch, value = last.get("epoch"), last.get(self.metric, float("nan"))
-        finished = datetime.now(UTC)
-        row.update(
-            status="stopped",
-            stopped_epoch=epoch,
-            error=f"stopped by the {self.scheduler} scheduler after epoch {epoch}: {self.metric}={value:.6g}",
-            finished_at=finished,
-            wall_seconds=(finished - row["started_at"]).total_seconds() if row["started_at"] else None,
-        )
-        results.write_trial(self.root, row)
+        self.stops[trial.trial_id] = {
+            "status": "stopped",
+            "stopped_epoch": epoch,
+            "error": f"stopped by the {self.scheduler} scheduler after epoch {epoch}: {self.metric}={value:.6g}",
+            "finished_at": datetime.now(UTC),
+        }
+        self.record(trial.trial_id)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial_id in self.stops:
+            self.record(trial_id)
+
+    def record(self, trial_id: str) -> None:
+        """Writes the trial's stop into its row, unless the row says ``stopped`` or ``diverged``."""
+        row = results.read_trial(self.root, self.sweep, trial_id)
+        if row is None or row["status"] not in ("running", "error", "completed"):
+            return
+        stop = self.stops[trial_id]
+        started = row["started_at"]
+        wall = (stop["finished_at"] - started).total_seconds() if started else None
+        results.write_trial(self.root, {**row, **stop, "wall_seconds": wall})
 
 
 def init_ray(address: str | None, verbose: bool) -> None:
@@ -576,7 +606,7 @@ def sweep(
     else:
         metric = search.metric if trial_scheduler is None else cfg.sweep.scheduler.metric
         scheduler_name = cfg.sweep.scheduler.name if scheduler is None else type(scheduler).__name__
-        outcomes: list[tune.Callback] = [StoppedTrials(root, cfg.name, scheduler_name, metric)]
+        outcomes: list[tune.Callback] = [StoppedTrials(root, cfg.name, scheduler_name, metric, epochs_of)]
         if not verbose:
             outcomes.append(Progress(epochs_of, num_trials, shown, quiet=quiet))
         stoppable_ray_train = trial_scheduler is not None and any(

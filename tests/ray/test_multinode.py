@@ -167,5 +167,9 @@ def test_sweep_joined_with_address_runs_ray_train_trials_that_asha_stops(local_c
     assert trials["error"].tolist()[1].startswith("stopped by the asha scheduler after epoch 0: train_loss=")
     epochs = results.epochs(str(storage), sweep="tiny")
     rows = epochs.groupby("trial_id")["epoch"].apply(sorted).to_dict()
-    assert [rows[t] for t in trials["trial_id"]] == [[0, 1], [0]]  # the stopped trial's row stays
+    completed, stopped = (rows[t] for t in trials["trial_id"])
+    assert completed == [0, 1]
+    # the stopped trial's epoch-0 row stays; its Ray Train workers may have trained epoch 1 while
+    # Tune decided (StoppedTrials keeps the row 'stopped' either way)
+    assert stopped in ([0], [0, 1])
     assert len(list(storage.rglob("events.out.tfevents.*"))) >= 2  # one TensorBoard run per trial
