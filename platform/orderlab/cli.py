@@ -155,8 +155,9 @@ def results(
             except duckdb.Error as error:
                 raise OrderlabError(f"--sql failed: {error}") from error
         else:
-            print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep)))
-            _print_best(tables.best_trials(root, sweep=sweep))
+            with tables.connect(root) as con:  # one read of the root's files for both
+                print(tables.format_summary(tables.summary(root, baseline=baseline, sweep=sweep, con=con)))
+                _print_best(tables.best_trials(root, sweep=sweep, con=con))
 
 
 @app.command(epilog="Example: orderlab report results/tiny --sweep tiny --baseline rr --out report/")

@@ -31,6 +31,7 @@ from orderlab import results
 from orderlab.errors import OrderlabError
 
 if TYPE_CHECKING:
+    import duckdb
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -65,39 +66,41 @@ def legend_label(ordering: str) -> str:
     return LEGEND_LABELS.get(ordering, ordering)
 
 
-def _load(root: str, sweep: str | None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Epoch rows of completed trials (with their group columns) and trial counts by status.
+def _load(
+    con: duckdb.DuckDBPyConnection, root: str, sweep: str | None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Epoch rows of completed trials (with their group columns) and trial counts by status, from
+    ``con``, a ``results.connect(root)``.
 
     Raises:
         OrderlabError: the root has no trials, ``sweep`` is not one of its sweeps, or no trial
             completed with epoch rows.
     """
-    with results.connect(root) as con:
-        sweeps = [row[0] for row in con.execute("SELECT DISTINCT sweep FROM trials ORDER BY 1").fetchall()]
-        if not sweeps:
-            raise OrderlabError(
-                f"no trials under results root {root!r}; pass the storage root a sweep wrote to "
-                "(orderlab sweep CONFIG --set storage=ROOT)"
-            )
-        if sweep is not None and sweep not in sweeps:
-            raise OrderlabError(
-                f"sweep {sweep!r} is not under results root {root!r}; sweeps there: {', '.join(sweeps)}"
-            )
-        where = "($sweep::VARCHAR IS NULL OR t.sweep = $sweep)"
-        statuses = dict(
-            con.execute(
-                f"SELECT status, count(*) FROM trials t WHERE {where} GROUP BY ALL", {"sweep": sweep}
-            ).fetchall()
+    sweeps = [row[0] for row in con.execute("SELECT DISTINCT sweep FROM trials ORDER BY 1").fetchall()]
+    if not sweeps:
+        raise OrderlabError(
+            f"no trials under results root {root!r}; pass the storage root a sweep wrote to "
+            "(orderlab sweep CONFIG --set storage=ROOT)"
         )
-        rows = con.execute(
-            f"""
-            SELECT {", ".join(f"t.{c}" for c in dict.fromkeys([*results.GROUP_COLUMNS, *SWEPT_AXES]))},
-                   t.ordering, t.seed, e.* EXCLUDE (sweep, bytes_to_server, lr)
-            FROM epochs e JOIN ({results.counted_trials_sql()}) t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
-            ORDER BY t.sweep, e.trial_id, e.epoch
-            """,
-            {"sweep": sweep},
-        ).df()
+    if sweep is not None and sweep not in sweeps:
+        raise OrderlabError(
+            f"sweep {sweep!r} is not under results root {root!r}; sweeps there: {', '.join(sweeps)}"
+        )
+    where = "($sweep::VARCHAR IS NULL OR t.sweep = $sweep)"
+    statuses = dict(
+        con.execute(
+            f"SELECT status, count(*) FROM trials t WHERE {where} GROUP BY ALL", {"sweep": sweep}
+        ).fetchall()
+    )
+    rows = con.execute(
+        f"""
+        SELECT {", ".join(f"t.{c}" for c in dict.fromkeys([*results.GROUP_COLUMNS, *SWEPT_AXES]))},
+               t.ordering, t.seed, e.* EXCLUDE (sweep, bytes_to_server, lr)
+        FROM epochs e JOIN ({results.counted_trials_sql()}) t ON e.trial_id = t.trial_id AND e.sweep = t.sweep
+        ORDER BY t.sweep, e.trial_id, e.epoch
+        """,
+        {"sweep": sweep},
+    ).df()
     if rows.empty:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items(), key=str)) or "none"
         raise OrderlabError(
@@ -124,7 +127,8 @@ def completed_epochs(root: str | Path, sweep: str | None = None) -> pd.DataFrame
         OrderlabError: the root has no trials, ``sweep`` is not one of its sweeps, or no trial
             completed with epoch rows.
     """
-    return _load(str(root), sweep)[0]
+    with results.connect(str(root)) as con:
+        return _load(con, str(root), sweep)[0]
 
 
 def _facets(rows: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
@@ -447,13 +451,16 @@ def report(
             baseline has no completed trials, or the output directory cannot be written.
     """
     root = str(root)
-    rows, statuses = _load(root, sweep)
-    orderings = sorted(rows["ordering"].unique())
-    if baseline not in orderings:
-        raise OrderlabError(
-            f"baseline {baseline!r} has no completed trials under {root!r}; orderings there: {', '.join(orderings)}"
-        )
-    summary = results.summary(root, baseline=baseline, sweep=sweep)
+    with results.connect(root) as con:  # one read of the root's files for every query
+        rows, statuses = _load(con, root, sweep)
+        orderings = sorted(rows["ordering"].unique())
+        if baseline not in orderings:
+            raise OrderlabError(
+                f"baseline {baseline!r} has no completed trials under {root!r}; orderings there: "
+                f"{', '.join(orderings)}"
+            )
+        summary = results.summary(root, baseline=baseline, sweep=sweep, con=con)
+        best = results.best_trials(root, sweep=sweep, con=con)
     default_parent = Path("." if "://" in root else root) / "reports"
     out_dir = Path(out) if out is not None else default_parent / (sweep or "all")
     try:
@@ -499,7 +506,6 @@ def report(
         else '<p class="note">Skipped: the completed trials have one value each of '
         f"{', '.join(SWEPT_AXES)}; there is no swept numeric axis to plot against.</p>"
     )
-    best = results.best_trials(root, sweep=sweep)
     searched = (
         [("Best trial of each grid point", _best_html(best))]
         if len(best) and (best["num_trials"] > 1).any()

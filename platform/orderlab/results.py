@@ -20,7 +20,9 @@ import time
 import uuid
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -622,6 +624,19 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+@contextmanager
+def connected(root: str, con: duckdb.DuckDBPyConnection | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``con`` when given (left open), else ``connect(root)`` for the block, closed after it.
+
+    The readers below take ``con`` so that several queries of one large uncompacted root pay for
+    one ``connect`` (it reads every epoch row file of a local root)."""
+    if con is not None:
+        yield con
+        return
+    with connect(root) as opened:
+        yield opened
+
+
 def _select(root: str, table: str, filters: dict[str, Any], order_by: str) -> pd.DataFrame:
     """``SELECT * FROM table WHERE <filters> ORDER BY order_by`` with bound parameters."""
     columns = TABLES[table].names
@@ -697,7 +712,12 @@ def counted_trials_sql() -> str:
 
 
 def best_trials(
-    root: str, sweep: str | None = None, metric: str = "train_loss", mode: str = "min"
+    root: str,
+    sweep: str | None = None,
+    metric: str = "train_loss",
+    mode: str = "min",
+    *,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pd.DataFrame:
     """The best completed trial of each grid point of each sweep, by ``metric`` at its last epoch.
 
@@ -709,6 +729,7 @@ def best_trials(
         root: storage root, a local path or an s3://, gs://, file:// URI.
         sweep: only this sweep (default: all sweeps).
         metric: ``train_loss``, ``val_loss`` or ``val_metric``; mode: ``min`` or ``max``.
+        con: an open ``connect(root)`` to query (left open); default: one for this call.
 
     Returns:
         One row per (sweep, grid point): sweep, one column per grid axis then per searched axis
@@ -738,8 +759,8 @@ def best_trials(
         QUALIFY row_number() OVER (
             PARTITION BY sweep, grid_point_json ORDER BY {metric} {order} NULLS LAST, trial_id) = 1
         ORDER BY sweep, grid_point_json"""
-    with connect(root) as con:
-        finals = con.execute(sql, {"sweep": sweep}).df()
+    with connected(root, con) as db:
+        finals = db.execute(sql, {"sweep": sweep}).df()
 
     def columns(text: str) -> dict[str, Any]:
         return {key: json.dumps(v) if isinstance(v, dict) else v for key, v in json.loads(text).items()}
@@ -833,7 +854,13 @@ def _stat_columns(
     return out
 
 
-def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.DataFrame:
+def summary(
+    root: str,
+    baseline: str = "rr",
+    sweep: str | None = None,
+    *,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pd.DataFrame:
     """Compare orderings over seeds: one row per group (GROUP_COLUMNS) and ordering.
 
     Means are over completed trials; diverged trials and trials a scheduler stopped early (status
@@ -848,6 +875,7 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
         root: storage root, a local path or an s3://, gs://, file:// URI.
         baseline: the ordering whose final loss is the target, e.g. "rr".
         sweep: only this sweep (default: all sweeps).
+        con: an open ``connect(root)`` to query (left open); default: one for this call.
 
     Returns:
         GROUP_COLUMNS, ordering, num_seeds (completed trials with epoch rows), final_train_loss_mean,
@@ -896,18 +924,20 @@ def summary(root: str, baseline: str = "rr", sweep: str | None = None) -> pd.Dat
     LEFT JOIN diverged d ON {_same_group("k", "d")} AND k.ordering = d.ordering
     ORDER BY {", ".join(f"k.{c}" for c in GROUP_COLUMNS)}, p.final_train_loss_mean, k.ordering
     """
-    with connect(root) as con:
+    with connected(root, con) as db:
         if sweep is not None:
             sweeps = [
-                row[0] for row in con.execute("SELECT DISTINCT sweep FROM trials ORDER BY sweep").fetchall()
+                row[0] for row in db.execute("SELECT DISTINCT sweep FROM trials ORDER BY sweep").fetchall()
             ]
             if sweep not in sweeps:
                 there = f"its sweeps: {', '.join(sweeps)}" if sweeps else "it holds no trials"
                 raise OrderlabError(f"no sweep {sweep!r} under results root {root!r}; {there}")
         # the epochs of counted trials, read once: every query below uses them
-        con.execute(f"CREATE TEMP TABLE _counted_epochs AS {_completed_epochs_sql()}", {"sweep": sweep})
-        df = con.execute(sql, {"sweep": sweep}).df()
-        pairs, runs = _pair_runs(con)
+        db.execute(
+            f"CREATE OR REPLACE TEMP TABLE _counted_epochs AS {_completed_epochs_sql()}", {"sweep": sweep}
+        )
+        df = db.execute(sql, {"sweep": sweep}).df()
+        pairs, runs = _pair_runs(db)
     columns = _stat_columns(df, pairs, runs, baseline)
     df.insert(
         df.columns.get_loc("epoch_seconds_mean"), "epochs_to_baseline", columns.pop("epochs_to_baseline")

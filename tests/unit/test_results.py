@@ -606,6 +606,27 @@ def test_cli_results_prints_a_searchs_best_trials_only(
     assert "best completed trial" not in capsys.readouterr().out
 
 
+def test_summary_and_best_trials_query_a_given_connection_and_leave_it_open(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    write_fixture(root)
+
+    def write_searched(trial_id: str, loss: float) -> None:
+        row = trial_row(trial_id, sweep="g", ordering="rr", grid_point_json='{"ordering.name": "rr"}')
+        results.write_trial(root, {**row, "searched_json": "{}"})
+        results.write_epoch(root, {"trial_id": trial_id, "sweep": "g", "epoch": 0, "train_loss": loss})
+
+    write_searched("early", 0.5)
+    with results.connect(root) as con:
+        write_searched("late", 0.25)  # after connect: that connection does not see it
+        assert results.best_trials(root, sweep="g", con=con)["trial_id"].tolist() == ["early"]
+        assert results.best_trials(root, sweep="g")["trial_id"].tolist() == ["late"]
+        for _ in range(2):  # the summary's temporary tables are replaced on a reused connection
+            pd.testing.assert_frame_equal(
+                results.summary(root, sweep="s", con=con), results.summary(root, sweep="s")
+            )
+        assert con.execute("SELECT count(*) FROM trials WHERE sweep = 'g'").fetchone() == (1,)
+
+
 def test_compact_of_a_sweep_with_no_files_is_an_error_unless_missing_ok(tmp_path: Path) -> None:
     root = str(tmp_path)
     write_fixture(root)
