@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -241,12 +240,13 @@ def run_trial(
             tune.report({**metrics, "epochs_done": int(last[0]["epoch"]) + 1})
         return
     row = {**trial_row(cfg, trial_id, plan.shard_size, plan.num_dropped), **info}
+    if previous is not None and previous["started_at"] is not None:
+        row["started_at"] = previous["started_at"]  # resumed from its checkpoint (paused, retried)
     row.update(
         grid_point_json=json.dumps({key: point[key] for key in grid_keys}, default=_numpy_scalar),
         searched_json=json.dumps({key: point[key] for key in searched_keys}, default=_numpy_scalar),
     )
     results.write_trial(root, row)
-    started = time.perf_counter()
     error: BaseException | None = None
     try:
         if cfg.train.backend == "simulated":
@@ -261,7 +261,8 @@ def run_trial(
     # or its workers finished anyway
     stopped = current is not None and current["status"] == "stopped"
     if not stopped:
-        row.update(finished_at=datetime.now(UTC), wall_seconds=time.perf_counter() - started)
+        finished = datetime.now(UTC)
+        row.update(finished_at=finished, wall_seconds=(finished - row["started_at"]).total_seconds())
         results.write_trial(root, row)
     results.consolidate_trial(root, cfg.name, trial_id)  # no rank writes its rows any more
     if error is not None and not stopped:

@@ -1,6 +1,6 @@
 """Ray integration of sweep search: an Optuna search per ordering with ASHA stopping trials early,
 MLflow and TensorBoard runs read back with their own readers, --resume of the finished sweep, a
-sampled seed, and the median-stopping rule."""
+sampled seed, the median-stopping rule, and HyperBand pausing trials and resuming them."""
 
 from __future__ import annotations
 
@@ -206,3 +206,57 @@ def test_median_stopping_stops_the_trial_below_the_median_of_the_others(ray_clus
     assert stopped["error"].startswith("stopped by the median-stopping scheduler after epoch 0: train_loss=")
     epochs = results.epochs(str(tmp_path), sweep="median").groupby("trial_id")["epoch"].max()
     assert epochs[trials["trial_id"]].tolist() == [2, 2, 2, 0]
+
+
+def test_hyperband_stops_the_worst_and_resumes_paused_trials_where_they_left_off(ray_cluster, tmp_path):
+    """Tune's HyperBand with max_t 4 and reduction factor 2 puts the first three trials in a bracket
+    that runs them to the end and the next three (lr 0.1, 0.05, 1e-4) in one that halves at 2
+    epochs: it pauses those that get there first and keeps the best two. A paused trial resumes
+    from its checkpoint, so its rows equal those of the same lr run straight through."""
+    lrs = [0.5, 0.3, 0.2, 0.1, 0.05, 1.0e-4]
+    overrides = {
+        "storage": str(tmp_path),
+        "train.backend": "simulated",
+        "train.epochs": 4,
+        "resources.trial_cpus": 0.25,  # all six at once: a bracket halves when all its trials get there
+        "resources.max_concurrent_trials": len(lrs),
+        "sweep": {
+            "ordering.name": ["rr"],
+            "train.lr": lrs,
+            "scheduler": {"name": "hyperband", "reduction_factor": 2},
+        },
+    }
+    outcome = orderlab.sweep(str(TINY), overrides={**overrides, "name": "hyperband"}, quiet=True)
+    trials = results.trials(str(tmp_path), sweep="hyperband").sort_values("lr", ascending=False)
+    assert (outcome.num_errors, outcome.num_stopped) == (0, 1)
+    assert trials["status"].tolist() == ["completed"] * 5 + ["stopped"]
+    assert trials["stopped_epoch"].iloc[-1] == 1
+    assert (
+        trials["error"].iloc[-1].startswith("stopped by the hyperband scheduler after epoch 1: train_loss=")
+    )
+    restored = []
+    for trial_id in trials["trial_id"]:
+        (result,) = glob.glob(f"{tmp_path}/_tune/hyperband/run_trial_{trial_id}_*/result.json")
+        last = json.loads(Path(result).read_text().splitlines()[-1])
+        if last["iterations_since_restore"] < last["training_iteration"]:
+            restored.append(trial_id)
+            # paused at its second epoch's report, it trained epochs 2 and 3 after it, not 0 to 3
+            assert (last["training_iteration"], last["iterations_since_restore"]) == (4, 2)
+    assert restored  # the halving bracket paused one or both of the trials it kept
+
+    straight = {**overrides, "name": "straight", "sweep": {"ordering.name": ["rr"], "train.lr": [0.1, 0.05]}}
+    orderlab.sweep(str(TINY), overrides=straight, quiet=True)
+    columns = ["lr", "epoch", "train_loss", "order_digest"]
+
+    def rows(sweep: str, trial_ids: list[str]) -> pd.DataFrame:
+        epochs = results.epochs(str(tmp_path), sweep=sweep, trial_id=trial_ids)
+        return epochs[columns].sort_values(["lr", "epoch"]).reset_index(drop=True)
+
+    resumed = rows("hyperband", restored)
+    assert set(resumed["lr"]) <= {0.1, 0.05} and len(resumed) == 4 * len(restored)
+    expected = rows("straight", list(results.trials(str(tmp_path), sweep="straight")["trial_id"]))
+    pd.testing.assert_frame_equal(
+        resumed, expected[expected["lr"].isin(resumed["lr"])].reset_index(drop=True)
+    )
+    first = trials.set_index("trial_id").loc[restored]
+    assert (first["wall_seconds"] == (first["finished_at"] - first["started_at"]).dt.total_seconds()).all()
