@@ -639,18 +639,17 @@ def sweep(
     grid = tuner.fit()
     results.compact(root, sweep=cfg.name, missing_ok=True)  # every trial has ended: one part per table
     with results.connect(root) as con:
-        (num_stopped,) = con.execute(
-            "SELECT count(*) FROM trials WHERE sweep = ? AND status = 'stopped'", [cfg.name]
-        ).fetchone() or (0,)
-        return SweepResult(
-            name=cfg.name,
-            storage=root,
-            num_trials=len(grid),
-            num_errors=len(grid.errors),
-            summary=results.summary(root, sweep=cfg.name, con=con),
-            num_stopped=num_stopped,
-            best=results.best_trials(root, cfg.name, search.metric, search.mode, con=con),
-        )
+        summary = results.summary(root, sweep=cfg.name, con=con)
+        best = results.best_trials(root, cfg.name, search.metric, search.mode, con=con)
+    return SweepResult(
+        name=cfg.name,
+        storage=root,
+        num_trials=len(grid),
+        num_errors=len(grid.errors),
+        summary=summary,
+        num_stopped=int(summary["num_stopped"].sum()),  # every stopped trial is counted in its group
+        best=best,
+    )
 
 
 def run(
